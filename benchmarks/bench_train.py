@@ -1,0 +1,101 @@
+"""SFT training throughput (tokens/s) and model-FLOPs utilisation against the machine's fp32 matmul peak.
+
+    python benchmarks/bench_train.py [--threads 2] [--out benchmarks/results/train.json]
+
+Peak: the best of several large fp32 matmuls (2 n^3 FLOPs each) on the same threads. Model FLOPs per
+trained token follow the PaLM appendix: 6 N (N = non-embedding parameters plus the LM head) + 12 L T C for
+attention (forward + backward). The step is the real one: SFT loss, backward, gradient clipping, AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from alignlab.algorithms import SFT
+from alignlab.model.transformer import TransformerConfig
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def model_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+    per_layer = (cfg.dim * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)) + 3 * cfg.dim * cfg.hidden_dim
+    n = cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size  # matmul parameters incl. the LM head
+    return 6 * n + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+
+
+def bench(cfg: TransformerConfig, batch: int, seq_len: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    module = SFT(arch=cfg, lr=1e-4)
+    opt = torch.optim.AdamW(module.policy.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+    ids = torch.randint(4, cfg.vocab_size, (batch, seq_len + 1))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+
+    def step():
+        loss, _ = module.loss(data)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.policy.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    times = [_time(step) for _ in range(steps)]
+    t = statistics.median(times)
+    tokens = batch * seq_len
+    return {"batch": batch, "seq_len": seq_len, "step_s": t, "tokens_per_s": tokens / t,
+            "model_flops_per_s": tokens * model_flops_per_token(cfg, seq_len) / t}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default="benchmarks/results/train.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = TransformerConfig(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=512)
+    peak = matmul_peak()
+    runs = [bench(cfg, b, t, args.steps) for b, t in ((64, 16), (16, 128), (8, 512))]
+    for r in runs:
+        r["mfu"] = r["model_flops_per_s"] / peak
+    params = sum(p.numel() for p in SFT(arch=cfg).policy.parameters())
+    out = {"torch": torch.__version__, "threads": args.threads, "cpu": cpu_name(), "params": params,
+           "fp32_matmul_peak_flops": peak, "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s on {args.threads} threads; model {params / 1e6:.2f}M params")
+    for r in runs:
+        print(f"  batch {r['batch']:3d} x {r['seq_len']:3d} tokens: {r['tokens_per_s']:9.0f} tokens/s, "
+              f"{r['model_flops_per_s'] / 1e9:6.1f} GFLOP/s, MFU {100 * r['mfu']:.0f}%")
+
+
+if __name__ == "__main__":
+    main()

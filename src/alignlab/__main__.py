@@ -1,0 +1,4 @@
+from alignlab.cli import main
+
+if __name__ == "__main__":
+    main()

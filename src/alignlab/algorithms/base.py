@@ -1,0 +1,217 @@
+"""PolicyModule: what every algorithm shares.
+
+The policy (a hand-written ``Transformer``, fresh or loaded from an HF export), an optional frozen
+reference copy, the tokenizer, per-token log-probs of completions, AdamW with warm-up, validation by
+greedy generation (``val/accuracy`` and a text table of samples), and the HF export at the end of
+training. Subclasses add a ``training_step``; their ``__init__`` arguments are their config.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
+
+from alignlab.data.tokenizer import load_tokenizer
+from alignlab.losses.lm import entropy_from_logits, selective_log_softmax
+from alignlab.model.generate import GenerationOutput, generate
+from alignlab.model.transformer import Transformer, TransformerConfig
+from alignlab.rewards.rules import accuracy_reward
+
+
+def check(condition: bool, name: str, message: str) -> None:
+    """Config validation: one line naming the argument."""
+    if not condition:
+        raise ValueError(f"model.{name}: {message}")
+
+
+class PolicyModule(L.LightningModule):
+    data_kind = "sft"  # rows this algorithm needs from the DataModule
+    needs_reference = False  # does the algorithm keep a frozen copy of the starting policy?
+
+    def __init__(
+        self,
+        init_from: str | None = None,
+        arch: TransformerConfig | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        max_grad_norm: float = 1.0,
+        val_max_new_tokens: int = 16,
+        num_logged_samples: int = 8,
+        sampling_seed: int = 0,
+    ):
+        """
+        Args:
+            init_from: local HF directory (an alignlab export or a Llama/Qwen checkpoint); None = fresh model.
+            arch: architecture of a fresh model (ignored with init_from); default TransformerConfig().
+            lr: peak learning rate of AdamW.
+            weight_decay: AdamW weight decay (applied to matrices only).
+            warmup_steps: linear warm-up optimizer steps.
+            lr_schedule: constant after warm-up, or cosine decay to 10% over the run.
+            max_grad_norm: gradient clipping norm (0 = off).
+            val_max_new_tokens: tokens generated per validation prompt.
+            num_logged_samples: validation samples written to TensorBoard as text.
+            sampling_seed: seed of the generator that drives sampling (rollouts).
+        """
+        super().__init__()
+        check(lr > 0, "lr", f"must be > 0, got {lr}")
+        check(weight_decay >= 0, "weight_decay", f"must be >= 0, got {weight_decay}")
+        check(warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {warmup_steps}")
+        check(max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {max_grad_norm}")
+        check(val_max_new_tokens >= 1, "val_max_new_tokens", f"must be >= 1, got {val_max_new_tokens}")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(init_from)
+        if init_from is not None:
+            self.policy = Transformer.from_hf(init_from)
+        else:
+            arch = copy.deepcopy(arch) if arch is not None else TransformerConfig()
+            check(arch.vocab_size >= len(self.tokenizer), "arch.vocab_size",
+                  f"{arch.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens")
+            self.policy = Transformer(arch)
+        self.ref = self.frozen_copy(self.policy) if self.needs_reference else None
+        self.val_accuracy = MeanMetric()
+        self._val_samples: list[tuple[str, str, str, float]] = []
+        self.generator = torch.Generator().manual_seed(sampling_seed)
+
+    # ------------------------------------------------------------------------------ models
+    @staticmethod
+    def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+        """A copy that is never trained: eval mode, no grads, kept out of the optimizer."""
+        ref = copy.deepcopy(model).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ref is not None:
+            self.ref.eval()
+        return self
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    # -------------------------------------------------------------------------- log-probs
+    def completion_logits(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        """Logits that predict each completion token: (B, C, V), one forward over prompt + completion."""
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        C = completion_ids.shape[1]
+        return model(ids, mask, logits_to_keep=C + 1)[:, :-1]
+
+    def completion_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                         temperature: float = 1.0, with_entropy: bool = False):
+        """Per-token log-probs of the completion under softmax(logits / temperature): (B, C) [, entropy]."""
+        logits = self.completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        logits = logits.float() / temperature
+        logps = selective_log_softmax(logits, completion_ids)
+        if not with_entropy:
+            return logps
+        with torch.no_grad():
+            ent = entropy_from_logits(logits)
+        return logps, ent
+
+    def sequence_logps(self, model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+        """Summed log-probs of the tokens where loss_mask is 1, for right-padded full sequences: (B,)."""
+        logits = model(input_ids[:, :-1], attention_mask[:, :-1]).float()
+        logps = selective_log_softmax(logits, input_ids[:, 1:])
+        return (logps * loss_mask[:, 1:]).sum(-1)
+
+    # ------------------------------------------------------------------------- generation
+    def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, greedy: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> GenerationOutput:
+        was_training = self.policy.training
+        self.policy.eval()
+        out = generate(self.policy, prompt_ids, prompt_mask, max_new_tokens, self.eos_id, self.pad_id,
+                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                       generator=self.generator if prompt_ids.device.type == "cpu" else None)
+        self.policy.train(was_training)
+        return out
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)]
+
+    # ------------------------------------------------------------------------- validation
+    def validation_step(self, batch, batch_idx):
+        out = self.generate(batch["prompt_ids"], batch["prompt_mask"], self.hparams.val_max_new_tokens, greedy=True)
+        completions = self.decode(out.completion_ids, out.completion_mask)
+        correct = torch.tensor(accuracy_reward(batch["prompt"], completions, batch["answer"]), device=self.device)
+        self.val_accuracy.update(correct)
+        for p, c, a, r in zip(batch["prompt"], completions, batch["answer"], correct.tolist()):
+            if len(self._val_samples) < self.hparams.num_logged_samples:
+                self._val_samples.append((p, c, a, r))
+        return correct.mean()
+
+    def on_validation_epoch_end(self):
+        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
+        self.val_accuracy.reset()
+        self.log_text("val/samples", ["prompt", "completion", "answer", "correct"], self._val_samples)
+        self._val_samples = []
+
+    def log_text(self, tag: str, header: list[str], rows: list[tuple]) -> None:
+        """A markdown table in TensorBoard's Text tab."""
+        if not rows or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
+            return
+        esc = lambda x: str(x).replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(esc(x) for x in row) + " |" for row in rows]
+        self.logger.experiment.add_text(tag, "\n".join(lines), self.global_step)
+
+    # -------------------------------------------------------------------------- optimizer
+    def trainable_parameters(self):
+        return self.policy.parameters()
+
+    def param_groups(self, params, lr: float) -> list[dict]:
+        """Weight decay on matrices only (not norms, biases)."""
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay, "lr": lr},
+                {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+
+    def lr_lambda(self, step: int) -> float:
+        h = self.hparams
+        if step < h.warmup_steps:
+            return (step + 1) / (h.warmup_steps + 1)
+        if h.lr_schedule == "constant":
+            return 1.0
+        total = max(1, self.trainer.estimated_stepping_batches * self.optimizer_steps_per_batch() - h.warmup_steps)
+        progress = min(1.0, (step - h.warmup_steps) / total)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def optimizer_steps_per_batch(self) -> int:
+        return 1
+
+    def configure_optimizers(self):
+        groups = self.param_groups(self.trainable_parameters(), self.hparams.lr)
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95), foreach=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.hparams.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+
+    # ----------------------------------------------------------------------------- export
+    def export(self, path: str | Path) -> None:
+        """HF-format policy + tokenizer: what the next stage (or transformers) loads."""
+        self.policy.to_hf(path, tokenizer=self.tokenizer)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        kind = getattr(getattr(dm, "hparams", None), "kind", None)
+        if kind is not None and kind != self.data_kind:
+            raise ValueError(f"data.kind is {kind!r} but {type(self).__name__} trains on {self.data_kind!r} rows; "
+                             f"set data.kind: {self.data_kind}")

@@ -1,0 +1,31 @@
+"""Callbacks: the HF export that hands a trained model to the next stage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+
+
+class HFExport(L.Callback):
+    """At the end of training write ``<run dir>/hf`` (config.json, model.safetensors, tokenizer) and point
+    ``<log root>/<name>/latest`` at the run, so the next stage can use ``init_from: logs/<algo>/latest/hf``.
+
+    The export never overwrites an existing one; ``latest`` is swapped atomically (a symlink rename).
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.logger is None or trainer.log_dir is None:
+            return
+        run_dir = Path(trainer.log_dir)
+        out = run_dir / "hf"
+        if out.exists():
+            raise FileExistsError(f"{out}: an export is already there; not overwriting it")
+        pl_module.export(out)
+        latest = run_dir.parent / "latest"
+        tmp = run_dir.parent / f".latest.{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, latest)

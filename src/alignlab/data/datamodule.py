@@ -1,0 +1,292 @@
+"""One LightningDataModule for every algorithm.
+
+It serves three kinds of rows, from a built-in task or from JSONL files in TRL's standard columns:
+
+- ``sft``: ``prompt`` + ``completion`` (or conversational ``messages`` whose last turn is the assistant's)
+- ``prompt``: ``prompt`` plus any extra columns (e.g. ``answer``) handed to the reward functions
+- ``preference``: ``prompt`` + ``chosen`` + ``rejected`` (optional ``margin``)
+
+Every text field may be a string or a conversational list of ``{"role", "content"}`` messages (rendered
+with the tokenizer's chat template). Bad rows stop the run with ``file:line: field 'x': what is wrong``.
+Rows longer than the limits are an error, or, with ``truncation=True``, are cut and counted.
+
+Validation batches always carry left-padded prompts plus ``answer`` so every algorithm can generate and
+report ``val/accuracy``; preference validation batches also carry the chosen/rejected pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from alignlab.data.tasks import get_task
+from alignlab.data.tokenizer import load_tokenizer, render_completion, render_prompt
+
+KINDS = ("sft", "prompt", "preference")
+REQUIRED = {"sft": ("prompt", "completion"), "prompt": ("prompt",), "preference": ("prompt", "chosen", "rejected")}
+
+
+class DataError(ValueError):
+    """A bad input row: the message names the file, the line and the field."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _check_text(value: Any, where: str, field: str) -> None:
+    """A field is a non-empty string or a non-empty list of {role: str, content: str} messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{field}' is empty")
+        return
+    if isinstance(value, list) and value:
+        for i, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: field '{field}' message {i} must be an object with string 'role' and 'content'")
+        return
+    if isinstance(value, list):
+        raise DataError(f"{where}: field '{field}' is empty")
+    raise DataError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def validate_row(row: Any, kind: str, where: str) -> dict:
+    """Check one row of ``kind`` and normalise conversational SFT rows to prompt/completion."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if kind == "sft" and "messages" in row and "prompt" not in row:
+        msgs = row["messages"]
+        _check_text(msgs, where, "messages")
+        if isinstance(msgs, str) or msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            raise DataError(f"{where}: field 'messages' must end with an assistant turn after at least one other")
+        row = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": msgs[:-1], "completion": msgs[-1:]}
+    for field in REQUIRED[kind]:
+        if field not in row:
+            raise DataError(f"{where}: missing field '{field}' (a {kind} row needs {', '.join(REQUIRED[kind])})")
+        _check_text(row[field], where, field)
+    if "answer" in row and not isinstance(row["answer"], str):
+        raise DataError(f"{where}: field 'answer' must be a string, got {type(row['answer']).__name__}")
+    if "margin" in row and (isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float))):
+        raise DataError(f"{where}: field 'margin' must be a number, got {type(row['margin']).__name__}")
+    return row
+
+
+def read_jsonl(path: str | Path, kind: str) -> list[tuple[str, dict]]:
+    """Rows of a JSONL file as ``(where, row)`` with ``where = 'file:line'``; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            rows.append((where, validate_row(row, kind, where)))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- collating
+def pad(seqs: list[list[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists -> (ids, mask) of shape (B, max_len), padded on ``side`` ('left' or 'right')."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), value, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, length: int | None = None):
+    """prompt + completion, right-padded: (input_ids, attention_mask, loss_mask) with loss on completions."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    ids, mask = pad(seqs, pad_id, "right")
+    if length is not None and ids.shape[1] < length:
+        extra = length - ids.shape[1]
+        ids = torch.cat([ids, ids.new_full((len(seqs), extra), pad_id)], 1)
+        mask = torch.cat([mask, mask.new_zeros(len(seqs), extra)], 1)
+    loss_mask = torch.zeros_like(mask)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        loss_mask[i, len(p) : len(p) + len(c)] = 1
+    return ids, mask, loss_mask
+
+
+class Collator:
+    """Turns a list of tokenized rows into the batch dict for ``kind`` (see module docstring)."""
+
+    TOKEN_KEYS = ("prompt_ids", "completion_ids", "chosen_ids", "rejected_ids")
+
+    def __init__(self, kind: str, pad_id: int):
+        self.kind, self.pad_id = kind, pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch: dict[str, Any] = {}
+        prompts = [r["prompt_ids"] for r in rows]
+        batch["prompt_ids"], batch["prompt_mask"] = pad(prompts, self.pad_id, "left")
+        if self.kind == "sft":
+            comps = [r["completion_ids"] for r in rows]
+            batch["input_ids"], batch["attention_mask"], batch["loss_mask"] = sequences(prompts, comps, self.pad_id)
+            batch["completion_ids"], batch["completion_mask"] = pad(comps, self.pad_id, "right")
+        elif self.kind == "preference":
+            chosen = [r["chosen_ids"] for r in rows]
+            rejected = [r["rejected_ids"] for r in rows]
+            T = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
+            for name, comps in (("chosen", chosen), ("rejected", rejected)):
+                ids, mask, loss_mask = sequences(prompts, comps, self.pad_id, length=T)
+                batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"], batch[f"{name}_loss_mask"] = ids, mask, loss_mask
+            if "margin" in rows[0]:
+                batch["margin"] = torch.tensor([float(r.get("margin", 0.0)) for r in rows])
+        for key in rows[0]:  # text and extra columns travel as lists
+            if key not in self.TOKEN_KEYS and key not in batch:
+                batch[key] = [r.get(key) for r in rows]
+        return batch
+
+
+# -------------------------------------------------------------------------------------- the module
+class AlignDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        kind: Literal["sft", "prompt", "preference"] = "sft",
+        task: str = "addition",
+        task_args: dict | None = None,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        tokenizer: str | None = None,
+        batch_size: int = 64,
+        val_batch_size: int = 100,
+        num_train: int = 20000,
+        num_val: int = 200,
+        max_prompt_length: int = 64,
+        max_completion_length: int = 32,
+        truncation: bool = False,
+        seed: int = 1234,
+        num_workers: int = 0,
+    ):
+        """
+        Args:
+            kind: which rows to serve for training: sft, prompt (RL) or preference (DPO / reward model).
+            task: built-in task name, used when ``train_file`` is not given.
+            task_args: keyword arguments of the task (e.g. ``{"max_digits": 3}``).
+            train_file: JSONL training rows in TRL's column names (overrides ``task``).
+            val_file: JSONL validation rows (defaults to the task's validation split when using a task).
+            tokenizer: local HF tokenizer directory; None = the built-in char tokenizer.
+            batch_size: training rows per step (prompts per step for RL).
+            val_batch_size: validation rows per step.
+            num_train: built-in task: number of training examples.
+            num_val: built-in task: number of (distinct) validation problems.
+            max_prompt_length: prompts longer than this (in tokens) are an error, or truncated on the left.
+            max_completion_length: completions longer than this are an error, or truncated on the right.
+            truncation: cut over-long rows (counted and reported) instead of failing.
+            seed: seed of the built-in data and of the training shuffle.
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"data.kind must be one of {KINDS}, got {kind!r}")
+        for name, v in (("batch_size", batch_size), ("val_batch_size", val_batch_size),
+                        ("max_prompt_length", max_prompt_length), ("max_completion_length", max_completion_length)):
+            if v < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {v}")
+        if train_file is not None and val_file is None:
+            rank_zero_warn("data.train_file is set but data.val_file is not: validation uses the built-in task")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.task = get_task(task, **(task_args or {}))
+        self.truncated: dict[str, int] = {}
+        self.train_rows: list[dict] | None = None
+        self.val_rows: list[dict] | None = None
+
+    # -- raw rows
+    def _task_rows(self, split: str, kind: str) -> list[tuple[str, dict]]:
+        h = self.hparams
+        n = h.num_train if split == "train" else h.num_val
+        rng = random.Random(f"pairs-{split}-{h.seed}")
+        rows = []
+        for i, ex in enumerate(self.task.examples(n, split, h.seed)):
+            row = {"prompt": ex.prompt, "completion": ex.completion, "answer": ex.answer}
+            if kind == "preference":
+                row = {"prompt": ex.prompt, "chosen": ex.completion, "rejected": self.task.near_miss(ex, rng),
+                       "answer": ex.answer}
+            rows.append((f"task:{self.task.name}:{split}:{i}", row))
+        return rows
+
+    # -- tokenizing
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _tokenize(self, rows: list[tuple[str, dict]], kind: str, source: str) -> list[dict]:
+        h, eos = self.hparams, self.tokenizer.eos_token_id
+        out = []
+        for where, row in rows:
+            ids = self._encode(render_prompt(self.tokenizer, row["prompt"]))
+            if len(ids) > h.max_prompt_length:
+                if not h.truncation:
+                    raise DataError(f"{where}: field 'prompt' has {len(ids)} tokens > data.max_prompt_length="
+                                    f"{h.max_prompt_length} (raise it or set data.truncation=true)")
+                ids = ids[-h.max_prompt_length :]
+                self.truncated[source] = self.truncated.get(source, 0) + 1
+            item = {"prompt_ids": ids, "prompt": render_prompt(self.tokenizer, row["prompt"])}
+            fields = {"sft": ("completion",), "preference": ("chosen", "rejected"), "prompt": ()}[kind]
+            for field in fields:
+                comp = self._encode(render_completion(row[field])) + [eos]
+                if len(comp) > h.max_completion_length + 1:
+                    if not h.truncation:
+                        raise DataError(f"{where}: field '{field}' has {len(comp) - 1} tokens > "
+                                        f"data.max_completion_length={h.max_completion_length}")
+                    comp = comp[: h.max_completion_length]  # no EOS: the cut is visible to the model
+                    self.truncated[source] = self.truncated.get(source, 0) + 1
+                item[f"{field}_ids"] = comp
+            if "answer" not in row and "completion" in row:  # JSONL without answers: the completion is it
+                item["answer"] = render_completion(row["completion"])
+            for k, v in row.items():
+                if k not in ("prompt", "completion", "chosen", "rejected"):
+                    item[k] = v
+            out.append(item)
+        if self.truncated.get(source):
+            rank_zero_warn(f"{source}: truncated {self.truncated[source]} over-long rows (data.truncation=true)")
+        return out
+
+    def _rows(self, split: str, kind: str) -> list[dict]:
+        file = self.hparams.train_file if split == "train" else self.hparams.val_file
+        if file is not None:
+            return self._tokenize(read_jsonl(file, kind), kind, f"{file} ({split})")
+        return self._tokenize(self._task_rows(split, kind), kind, f"task:{self.task.name}:{split}")
+
+    def setup(self, stage: str | None = None) -> None:
+        kind = self.hparams.kind
+        if self.train_rows is None and stage in (None, "fit"):
+            self.train_rows = self._rows("train", kind)
+            if len(self.train_rows) < self.hparams.batch_size:
+                source = self.hparams.train_file or f"task {self.task.name!r}"
+                raise DataError(f"{source}: {len(self.train_rows)} training rows < data.batch_size="
+                                f"{self.hparams.batch_size}")
+        if self.val_rows is None:
+            self.val_rows = self._rows("val", kind)
+
+    @property
+    def val_kind(self) -> str:
+        return "preference" if self.hparams.kind == "preference" else "prompt"
+
+    # -- loaders
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_rows, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          generator=g, num_workers=self.hparams.num_workers,
+                          collate_fn=Collator(self.hparams.kind, self.tokenizer.pad_token_id))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_rows, batch_size=self.hparams.val_batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers,
+                          collate_fn=Collator(self.val_kind, self.tokenizer.pad_token_id))

@@ -1,0 +1,95 @@
+"""Batched sampling on the KV cache.
+
+One prefill pass over the (left-padded) prompts fills the cache, then one token per step for every row.
+Each row stops at EOS (later positions are padding with mask 0); the loop stops when every row is done.
+Returned log-probs are those of the sampled tokens under ``softmax(logits / temperature)`` -- the same
+distribution the trainers score, so with one update per rollout ``logp - logp_old`` is exactly 0.
+(top-k / top-p only decide which tokens may be drawn; like TRL we do not renormalise the log-probs.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignlab.model.transformer import KVCache, Transformer
+
+
+@dataclass
+class GenerationOutput:
+    completion_ids: torch.Tensor  # (B, T_new) sampled tokens, pad after EOS
+    completion_mask: torch.Tensor  # (B, T_new) 1 up to and including EOS
+    logprobs: torch.Tensor  # (B, T_new) log-prob of each sampled token (0 where masked)
+    truncated: torch.Tensor  # (B,) bool: row hit max_new_tokens without emitting EOS
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest top-p nucleus. (B, V)"""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Sample up to ``max_new_tokens`` for each left-padded prompt (B, P). See ``GenerationOutput``."""
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True")
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    cache = KVCache(model.config, B, P + max_new_tokens, next(model.parameters()).dtype, device)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, P + N)
+
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_steps = 0
+    logits = model(prompt_ids, mask[:, :P], cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        if greedy:
+            next_tok = logits.argmax(-1)
+            scaled = logits
+        else:
+            scaled = logits / temperature
+            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
+            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logp = scaled.log_softmax(-1).gather(-1, next_tok[:, None]).squeeze(-1)
+        tokens[:, t] = torch.where(done, pad_token_id, next_tok)
+        logprobs[:, t] = torch.where(done, 0.0, logp)
+        n_steps = t + 1
+        done = done | (next_tok == eos_token_id)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = model(tokens[:, t : t + 1], mask[:, : P + t + 1], cache=cache)[:, -1]
+
+    tokens, logprobs = tokens[:, :n_steps], logprobs[:, :n_steps]
+    is_eos = tokens == eos_token_id
+    # mask = 1 up to and including the first EOS
+    completion_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    truncated = ~is_eos.any(-1)
+    return GenerationOutput(tokens, completion_mask.long(), logprobs * completion_mask, truncated)

@@ -1,0 +1,72 @@
+"""Shared fixtures. Every test runs on one thread (speed and stability); 2 xdist workers use both cores."""
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from alignlab.data.datamodule import AlignDataModule  # noqa: E402
+from alignlab.model.transformer import TransformerConfig  # noqa: E402
+
+TINY = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=32)
+TASK = {"max_digits": 2}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_arch(**overrides) -> TransformerConfig:
+    return TransformerConfig(**{**TINY, **overrides})
+
+
+def datamodule(kind: str = "sft", tokenizer=None, **overrides) -> AlignDataModule:
+    """The test task: 1-2 digit addition, small splits."""
+    kw = dict(kind=kind, task_args=TASK, batch_size=64, num_train=5000, num_val=100,
+              max_prompt_length=16, max_completion_length=8, tokenizer=tokenizer)
+    return AlignDataModule(**{**kw, **overrides})
+
+
+def fit(module, dm, max_steps: int, root=None, val_every: int | None = None, **trainer_kw) -> L.Trainer:
+    """Train in process: no logger / checkpoints unless root is given."""
+    kw = dict(max_steps=max_steps, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, check_val_every_n_epoch=None,
+              val_check_interval=val_every or max_steps, limit_val_batches=1.0)
+    if root is None:
+        kw.update(logger=False, enable_checkpointing=False)
+    else:
+        kw.update(default_root_dir=str(root))
+    kw.update(trainer_kw)
+    trainer = L.Trainer(**kw)
+    trainer.fit(module, dm)
+    return trainer
+
+
+def val_accuracy(module, dm) -> float:
+    """Greedy-generation accuracy of module's policy on dm's validation split."""
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return trainer.validate(module, dm, verbose=False)[0]["val/accuracy"]
+
+
+@pytest.fixture(scope="session")
+def sft_export(tmp_path_factory):
+    """A tiny SFT policy trained on the test task (about 40% validation accuracy), exported in HF format.
+
+    The starting point of every learning test for DPO, RM, PPO, GRPO and DAPO: good enough to sample
+    correct answers sometimes, far enough from 100% to leave room to learn.
+    """
+    from alignlab.algorithms import SFT
+
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    module = SFT(arch=tiny_arch(), lr=3e-3, warmup_steps=20, lr_schedule="cosine")
+    fit(module, datamodule("sft"), max_steps=800)
+    path = tmp_path_factory.mktemp("sft") / "hf"
+    module.export(path)
+    return str(path)

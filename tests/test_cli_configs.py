@@ -1,0 +1,100 @@
+"""Every YAML under configs/ parses; the CLI instantiates and runs; the train pipeline finds stages."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignlab import train
+from alignlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+ALGOS = sorted(p.stem for p in (CONFIGS / "algo").glob("*.yaml"))
+
+
+def cli_args(algo, *extra):
+    return ["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "algo" / f"{algo}.yaml"), *extra]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_yaml_is_valid_yaml(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_algo_config_parses_with_base(algo, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(algo, "--print_config"))
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["logger"]["init_args"]["name"] == algo  # logs/<algo>/version_N
+
+
+PRESETS = sorted((CONFIGS / "model").glob("*.yaml")) + sorted((CONFIGS / "trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_model_and_trainer_presets_parse(path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(cli_args("sft", "--config", str(path), "--print_config"))
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    preset = yaml.safe_load(path.read_text())
+    for key, value in preset.get("trainer", {}).items():
+        assert printed["trainer"][key] == value
+    for key, value in preset.get("model", {}).get("init_args", {}).items():
+        if isinstance(value, dict):
+            assert value.items() <= printed["model"]["init_args"][key].items()
+        else:
+            assert printed["model"]["init_args"][key] == value
+
+
+def test_fresh_model_instantiates_from_tiny_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(cli_args("sft", "--config", str(CONFIGS / "model" / "tiny.yaml"))[1:], run=False)
+    assert cli.model.policy.config.dim == 64 and cli.datamodule.hparams.kind == "sft"
+
+
+def test_misspelled_key_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(cli_args("sft", "--model.init_args.lrr", "0.1"))
+    assert e.value.code != 0
+    assert "lrr" in capsys.readouterr().err
+
+
+def test_abbreviations_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--conf", str(CONFIGS / "base.yaml")])
+
+
+def test_cli_runs_sft_and_writes_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(cli_args("sft", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+                  "--model.init_args.arch.dim", "32", "--model.init_args.arch.n_layers", "1",
+                  "--model.init_args.arch.n_heads", "2", "--data.num_train", "500", "--data.num_val", "10",
+                  "--trainer.enable_progress_bar", "false"))
+    run = tmp_path / "logs" / "sft" / "version_0"
+    assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "hf" / "config.json").exists() and (run / "hf" / "tokenizer.json").exists()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert (tmp_path / "logs" / "sft" / "latest").resolve() == run.resolve()
+    # a second run gets its own directory; the first one's files are untouched
+    stamp = (run / "hf" / "model.safetensors").stat().st_mtime_ns
+    main(cli_args("sft", "--trainer.max_steps", "1", "--model.init_args.arch.dim", "32",
+                  "--model.init_args.arch.n_layers", "1", "--model.init_args.arch.n_heads", "2",
+                  "--data.num_train", "500", "--data.num_val", "10", "--trainer.enable_progress_bar", "false"))
+    assert (tmp_path / "logs" / "sft" / "version_1" / "hf").exists()
+    assert (run / "hf" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tmp_path / "logs" / "sft" / "latest").resolve().name == "version_1"
+
+
+def test_train_pipeline_prerequisites_come_from_configs(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert train.prerequisites("sft") == []
+    for algo in ALGOS:
+        text = (CONFIGS / "algo" / f"{algo}.yaml").read_text()
+        if "logs/sft/latest" in text:
+            assert "sft" in train.prerequisites(algo)
+    with pytest.raises(SystemExit, match="ALGO='nope' has no config"):
+        train.main(["nope"])

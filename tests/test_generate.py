@@ -1,0 +1,82 @@
+import torch
+
+from alignlab.model.generate import filter_logits, generate
+from alignlab.model.transformer import Transformer, TransformerConfig
+
+EOS, PAD = 1, 0
+
+
+def model():
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4)).eval()
+
+
+def prompts():
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    return ids, (ids != 0).long()
+
+
+def test_greedy_matches_step_by_step_argmax():
+    m = model()
+    ids, mask = prompts()
+    out = generate(m, ids, mask, 6, EOS, PAD, greedy=True)
+    # recompute greedily without the cache, one full forward per token
+    for row in range(2):
+        seq = ids[row][mask[row].bool()][None]
+        for t in range(out.completion_ids.shape[1]):
+            if not out.completion_mask[row, t]:
+                break
+            nxt = m(seq)[0, -1].argmax()
+            assert nxt.item() == out.completion_ids[row, t].item()
+            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+
+
+def test_sampling_is_seedable_and_logprobs_match_forward():
+    m = model()
+    ids, mask = prompts()
+    a = generate(m, ids, mask, 8, EOS, PAD, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    b = generate(m, ids, mask, 8, EOS, PAD, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    # returned log-probs are those of softmax(logits / T) of a full forward pass
+    full = torch.cat([ids, a.completion_ids], 1)
+    fmask = torch.cat([mask, a.completion_mask], 1)
+    with torch.no_grad():
+        logits = m(full, fmask)[:, ids.shape[1] - 1 : -1] / 0.7
+    ref = logits.log_softmax(-1).gather(-1, a.completion_ids[..., None]).squeeze(-1) * a.completion_mask
+    torch.testing.assert_close(a.logprobs, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_stop_at_eos_and_batch_stops_when_all_done():
+    m = model()
+    ids, mask = prompts()
+    # a head that makes EOS overwhelmingly likely from the first token on
+    m.lm_head = torch.nn.Linear(32, 40, bias=True)
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+        m.lm_head.bias.fill_(-10)
+        m.lm_head.bias[EOS] = 10
+    out = generate(m, ids, mask, 10, EOS, PAD, generator=torch.Generator().manual_seed(0))
+    assert out.completion_ids.shape[1] == 1  # whole batch stopped after one step
+    assert out.completion_mask.tolist() == [[1], [1]]
+    assert not out.truncated.any()
+
+
+def test_mask_covers_up_to_eos_and_pads_after():
+    m = model()
+    m.lm_head = torch.nn.Linear(32, 40, bias=True)
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+        m.lm_head.bias.fill_(-20)
+        m.lm_head.bias[7] = 20  # always token 7 ...
+    ids, mask = prompts()
+    out = generate(m, ids, mask, 4, EOS, PAD, greedy=True)
+    assert out.completion_ids.tolist() == [[7, 7, 7, 7]] * 2
+    assert out.truncated.all() and out.lengths.tolist() == [4, 4]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # top_p 0.7: 0.5 alone is < 0.7, 0.5+0.3 crosses it -> keep two
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.4)).tolist() == [[False, True, True, True]]

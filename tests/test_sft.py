@@ -1,0 +1,63 @@
+import lightning as L
+import torch
+
+from alignlab.algorithms import SFT
+from alignlab.model.transformer import Transformer
+
+from conftest import datamodule, fit, tiny_arch, val_accuracy
+
+
+def test_sft_loss_ignores_prompt_tokens():
+    module = SFT(arch=tiny_arch())
+    dm = datamodule("sft", batch_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = module.policy(ids[:, :-1], mask[:, :-1])
+    from alignlab.losses.lm import sft_loss
+
+    base, _ = sft_loss(logits, ids[:, 1:], batch["loss_mask"][:, 1:])
+    # perturbing the logits at prompt positions does not change the loss
+    prompt_pos = (batch["loss_mask"][:, 1:] == 0)
+    bumped = logits + 5.0 * torch.randn_like(logits) * prompt_pos[..., None]
+    again, _ = sft_loss(bumped, ids[:, 1:], batch["loss_mask"][:, 1:])
+    assert torch.allclose(base, again)
+
+
+def test_sft_smoke_20_steps_lowers_loss_and_changes_weights(tmp_path):
+    L.seed_everything(0)
+    module = SFT(arch=tiny_arch(), lr=3e-3)
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    dm = datamodule("sft")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        start = module.loss(batch)[0].item()
+    trainer = fit(module, dm, max_steps=20, root=tmp_path, log_every_n_steps=5)
+    with torch.no_grad():
+        end = module.loss(batch)[0].item()
+    assert end < start - 0.5
+    assert any(not torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+    assert trainer.global_step == 20
+    assert "val/accuracy" in trainer.callback_metrics
+    assert (tmp_path / "lightning_logs").exists()
+
+
+def test_sft_learns_the_default_task(sft_export):
+    """The tiny model (2 layers, dim 64) trained for 800 steps on 1-2 digit addition.
+
+    Measured: ~0.39 validation accuracy (from 0.0 at init); we require 0.25.
+    """
+    module = SFT(init_from=sft_export)
+    dm = datamodule("sft", tokenizer=sft_export)
+    assert val_accuracy(module, dm) >= 0.25
+    fresh = SFT(arch=tiny_arch())
+    assert val_accuracy(fresh, dm) < 0.05
+
+
+def test_export_round_trip_is_exact(sft_export, tmp_path):
+    module = SFT(init_from=sft_export)
+    module.export(tmp_path / "again")
+    a, b = Transformer.from_hf(sft_export), Transformer.from_hf(tmp_path / "again")
+    for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
