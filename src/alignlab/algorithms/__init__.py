@@ -2,5 +2,7 @@
 
 from alignlab.algorithms.base import PolicyModule
 from alignlab.algorithms.sft import SFT
+from alignlab.algorithms.dpo import DPO
+from alignlab.algorithms.rm import RewardModel
 
-__all__ = ["PolicyModule", "SFT"]
+__all__ = ["PolicyModule", "SFT", "DPO", "RewardModel"]

@@ -156,7 +156,8 @@ class PolicyModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
-        self.val_accuracy.reset()
+        with torch.inference_mode(False):  # validation runs in inference mode; keep metric state trainable-safe
+            self.val_accuracy.reset()
         self.log_text("val/samples", ["prompt", "completion", "answer", "correct"], self._val_samples)
         self._val_samples = []
 

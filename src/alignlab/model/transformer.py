@@ -309,8 +309,8 @@ class Transformer(nn.Module):
 
         return load_hf(path, dtype=dtype)
 
-    def to_hf(self, path, tokenizer=None) -> None:
+    def to_hf(self, path, tokenizer=None, overwrite: bool = False) -> None:
         """Write config.json + model.safetensors (+ tokenizer) loadable by transformers' AutoModel."""
         from alignlab.model.hf import save_hf
 
-        save_hf(self, path, tokenizer=tokenizer)
+        save_hf(self, path, tokenizer=tokenizer, overwrite=overwrite)
