@@ -11,8 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from alignlab.data.datamodule import AlignDataModule  # noqa: E402
 from alignlab.model.transformer import TransformerConfig  # noqa: E402
 
-TINY = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=32)
+TINY = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=48)
 TASK = {"max_digits": 2}
+# The RL task: half of the SFT completions work the sum out column by column before the answer.
+SCRATCHPAD = dict(task_args={"max_digits": 2, "scratchpad_prob": 0.5}, max_completion_length=24)
 
 
 @pytest.fixture(autouse=True)
@@ -68,5 +70,25 @@ def sft_export(tmp_path_factory):
     module = SFT(arch=tiny_arch(), lr=3e-3, warmup_steps=20, lr_schedule="cosine")
     fit(module, datamodule("sft"), max_steps=800)
     path = tmp_path_factory.mktemp("sft") / "hf"
+    module.export(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def scratchpad_sft_export(tmp_path_factory):
+    """A tiny SFT policy on the scratchpad variant of the task: the starting point of the RL learning tests.
+
+    It has learned two strategies: the direct answer (~5% correct greedily) and the column-by-column
+    scratchpad (~55% correct), and uses the scratchpad on ~80% of greedy answers, ~50% of samples:
+    overall ~0.45 greedy validation accuracy. Raising it is the job RL does here -- preferring the
+    reliable strategy and sharpening it -- as it does at scale.
+    """
+    from alignlab.algorithms import SFT
+
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    module = SFT(arch=tiny_arch(), lr=3e-3, warmup_steps=20, lr_schedule="cosine", val_max_new_tokens=24)
+    fit(module, datamodule("sft", **SCRATCHPAD), max_steps=800)
+    path = tmp_path_factory.mktemp("sft_scratchpad") / "hf"
     module.export(path)
     return str(path)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
@@ -21,27 +21,40 @@ from transformers import (  # noqa: E402
     Qwen3Config,
 )
 
-from alignlab.model.generate import generate  # noqa: E402
-from alignlab.model.hf import config_from_hf, load_hf, save_hf  # noqa: E402
-from alignlab.model.transformer import Transformer, TransformerConfig  # noqa: E402
+from alignlab.model.generate import generate
+from alignlab.model.hf import config_from_hf, load_hf, save_hf
+from alignlab.model.transformer import Transformer, TransformerConfig
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 VOCAB, PAD, EOS, NEW = 100, 0, 99, 10
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, pad_token_id=PAD, bos_token_id=1,
-    eos_token_id=EOS,
-)
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": PAD,
+    "bos_token_id": 1,
+    "eos_token_id": EOS,
+}
 LLAMA3_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
 }
 HF_CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON, rope_parameters=dict(LLAMA3_ROPE)),
     "qwen2": lambda: Qwen2Config(  # q/k/v biases, tied head, linear RoPE scaling
-        **COMMON, tie_word_embeddings=True,
+        **COMMON,
+        tie_word_embeddings=True,
         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
     ),
     "qwen3": lambda: Qwen3Config(  # q/k norms, head_dim 32 != 64 / 4
@@ -94,29 +107,41 @@ def test_hf_checkpoint_parity(kind, tmp_path):
 
     out = generate(ours, ids, mask, NEW, eos_token_id=EOS, pad_token_id=PAD, greedy=True)
     ref_ids = hf.generate(
-        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, eos_token_id=EOS,
-        pad_token_id=PAD, use_cache=True,
-    )[:, ids.shape[1]:]
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=NEW,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        use_cache=True,
+    )[:, ids.shape[1] :]
     assert ref_ids.shape[1] >= 2
     assert torch.equal(out.completion_ids, ref_ids)
 
 
 OUR_CONFIGS = {
-    "llama_tied": dict(),
-    "qwen2_bias_linear_rope": dict(qkv_bias=True, tie_embeddings=False, rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    "qwen3_qknorm_llama3_rope": dict(
-        qk_norm=True, head_dim=32, rope_theta=500000.0,
-        rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"},
-    ),
-    "mistral_window": dict(sliding_window=4, tie_embeddings=False),
-    "qwen2_window": dict(qkv_bias=True, sliding_window=3),
+    "llama_tied": {},
+    "qwen2_bias_linear_rope": {
+        "qkv_bias": True,
+        "tie_embeddings": False,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    },
+    "qwen3_qknorm_llama3_rope": {
+        "qk_norm": True,
+        "head_dim": 32,
+        "rope_theta": 500000.0,
+        "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"},
+    },
+    "mistral_window": {"sliding_window": 4, "tie_embeddings": False},
+    "qwen2_window": {"qkv_bias": True, "sliding_window": 3},
 }
 
 
 @pytest.mark.parametrize("name", list(OUR_CONFIGS))
 def test_export_round_trip(name, tmp_path):
-    cfg = TransformerConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
-                            **OUR_CONFIGS[name])
+    cfg = TransformerConfig(
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, **OUR_CONFIGS[name]
+    )
     ours = Transformer(cfg).eval()
     perturb_(ours)
     ours.to_hf(tmp_path)
@@ -139,17 +164,22 @@ def test_sharded_checkpoint_loads(tmp_path):
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
     hf.save_pretrained(tmp_path, max_shard_size="50KB")
-    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (
+        tmp_path / "model.safetensors"
+    ).exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     ours = Transformer.from_hf(tmp_path).eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids, mask)[mask.bool()], hf_logits(hf, ids, mask)[mask.bool()],
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            ours(ids, mask)[mask.bool()], hf_logits(hf, ids, mask)[mask.bool()], atol=1e-4, rtol=0
+        )
 
 
 def test_dtype(tmp_path):
-    Transformer(TransformerConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2)).to(torch.bfloat16).to_hf(tmp_path)
+    Transformer(TransformerConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2)).to(torch.bfloat16).to_hf(
+        tmp_path
+    )
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_hf(tmp_path).embed_tokens.weight.dtype == torch.bfloat16  # default: as stored
     model = load_hf(tmp_path, dtype=torch.float32)
@@ -164,8 +194,12 @@ def test_tokenizer_ids_and_files_are_exported(tmp_path):
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate("abc")}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    Transformer(TransformerConfig(vocab_size=6, dim=32, n_layers=1, n_heads=2)).to_hf(tmp_path, tokenizer=tokenizer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    Transformer(TransformerConfig(vocab_size=6, dim=32, n_layers=1, n_heads=2)).to_hf(
+        tmp_path, tokenizer=tokenizer
+    )
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 0)
     assert AutoTokenizer.from_pretrained(tmp_path).convert_tokens_to_ids("b") == 4
@@ -205,7 +239,9 @@ def test_missing_and_unexpected_weights_are_named(tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.layers.0.mlp.extra.weight"] = tensors.pop("model.layers.0.mlp.up_proj.weight")
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing \['layers.0.mlp.up_proj.weight'\].*unexpected \['layers.0.mlp.extra"):
+    with pytest.raises(
+        ValueError, match=r"missing \['layers.0.mlp.up_proj.weight'\].*unexpected \['layers.0.mlp.extra"
+    ):
         Transformer.from_hf(tmp_path)
 
 
@@ -216,13 +252,13 @@ def llama_dict(**overrides):
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (dict(hidden_act="gelu"), "hidden_act"),
-        (dict(mlp_bias=True), "mlp_bias"),
-        (dict(attention_bias=True), "attention_bias"),  # Llama's puts a bias on o_proj too
-        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_parameters"),
-        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling"),
-        (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
-        (dict(quantization_config={"quant_method": "bitsandbytes"}), "quantization_config"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"attention_bias": True}, "attention_bias"),  # Llama's puts a bias on o_proj too
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+        ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
+        ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config"),
     ],
 )
 def test_unsupported_keys_raise(overrides, key):
@@ -253,6 +289,13 @@ def test_v4_style_config():
     del d["rope_parameters"]
     cfg = config_from_hf(d)
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
-    d = llama_dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+    d = llama_dict(
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        }
+    )
     assert config_from_hf(d).rope_scaling["original_max_position_embeddings"] == 64  # HF's default

@@ -94,14 +94,14 @@ def test_smoke_20_steps_export_is_what_ppo_loads(tmp_path):
 def test_reward_model_learns_pairwise_accuracy(sft_export):
     """From the ~40% SFT trunk with a fresh head: chosen = correct sum, rejected = one digit changed.
 
-    Measured (1 thread, ~10 s): held-out pairwise val/accuracy 0.61 at init -> 0.71 after 100 steps
-    (0.72 after 200 at lr 5e-4); val/margin 0.005 -> 0.93.
+    Measured (1 thread, ~10 s, torch 2.13 CPU): held-out pairwise val/accuracy 0.54 at init -> 0.73 after
+    100 steps at lr 1e-3 (0.55 at lr 3e-4, which needs ~300 steps to reach 0.79); val/margin -> 1.6.
     """
     dm = datamodule("preference", tokenizer=sft_export)
     L.seed_everything(0)
-    m = RewardModel(init_from=sft_export, lr=3e-4)
+    m = RewardModel(init_from=sft_export, lr=1e-3)
     start = L.Trainer(logger=False, enable_progress_bar=False).validate(m, dm, verbose=False)[0]["val/accuracy"]
     trainer = fit(m, dm, max_steps=100)
     acc = trainer.callback_metrics["val/accuracy"].item()
-    assert acc >= 0.68 and acc >= start + 0.05, (start, acc)
+    assert acc >= 0.65 and acc >= start + 0.1, (start, acc)
     assert trainer.callback_metrics["val/margin"] > 0.3

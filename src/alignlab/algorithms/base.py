@@ -44,7 +44,7 @@ class PolicyModule(L.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "constant",
         max_grad_norm: float = 1.0,
-        val_max_new_tokens: int = 16,
+        val_max_new_tokens: int = 24,
         num_logged_samples: int = 8,
         sampling_seed: int = 0,
     ):

@@ -65,17 +65,38 @@ class Task:
         return out
 
 
+def scratchpad(nums: list[int]) -> str:
+    """Column addition written out, ones digit first: 97+58 -> ``7+8=15,9+5+1=15=155``."""
+    width = max(len(str(n)) for n in nums)
+    cols = [[int(str(n).zfill(width)[-1 - i]) for n in nums] for i in range(width)]
+    steps, carry = [], 0
+    for col in cols:
+        total = sum(col) + carry
+        steps.append("+".join(map(str, col + ([carry] if carry else []))) + f"={total}")
+        carry = total // 10
+    return ",".join(steps) + f"={sum(nums)}"
+
+
 class Addition(Task):
-    """``a+b=`` -> ``c``: multi-digit addition with ``min_digits..max_digits`` digits per operand."""
+    """``a+b=`` -> ``c``: multi-digit addition with ``min_digits..max_digits`` digits per operand.
+
+    With ``scratchpad_prob > 0`` that share of the SFT completions works the sum out column by column
+    before the answer (``37+58=`` -> ``7+8=15,3+5+1=9=95``); the rest give the answer directly. The answer is
+    the text after the last ``=``, so both styles verify the same way. The SFT policy then knows two
+    strategies of different reliability and lengths: what RL (and DAPO's length techniques) act on.
+    """
 
     name = "addition"
 
-    def __init__(self, min_digits: int = 1, max_digits: int = 2, n_operands: int = 2):
+    def __init__(self, min_digits: int = 1, max_digits: int = 2, n_operands: int = 2, scratchpad_prob: float = 0.0):
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         if n_operands < 2:
             raise ValueError(f"n_operands must be >= 2, got {n_operands}")
+        if not 0.0 <= scratchpad_prob <= 1.0:
+            raise ValueError(f"scratchpad_prob must be in [0, 1], got {scratchpad_prob}")
         self.min_digits, self.max_digits, self.n_operands = min_digits, max_digits, n_operands
+        self.scratchpad_prob = scratchpad_prob
 
     def sample(self, rng: random.Random) -> Example:
         nums = []
@@ -83,7 +104,10 @@ class Addition(Task):
             d = rng.randint(self.min_digits, self.max_digits)
             nums.append(rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1))
         answer = str(sum(nums))
-        return Example(prompt="+".join(map(str, nums)) + "=", answer=answer, completion=answer)
+        # draw only when scratchpads are on, so the plain task's examples stay the same for a given seed
+        use_pad = self.scratchpad_prob > 0 and rng.random() < self.scratchpad_prob
+        completion = scratchpad(nums) if use_pad else answer
+        return Example(prompt="+".join(map(str, nums)) + "=", answer=answer, completion=completion)
 
 
 class Reverse(Task):

@@ -74,7 +74,9 @@ class _ConfigReader:
         return default if value is None else value
 
     def unsupported(self, key: str, why: str):
-        return NotImplementedError(f"{self.where}: key {key!r} = {self.c.get(key)!r} is not supported ({why})")
+        return NotImplementedError(
+            f"{self.where}: key {key!r} = {self.c.get(key)!r} is not supported ({why})"
+        )
 
 
 def _rope_from_hf(r: _ConfigReader) -> tuple[float, dict | None]:
@@ -88,11 +90,14 @@ def _rope_from_hf(r: _ConfigReader) -> tuple[float, dict | None]:
     params.pop("type", None)
     if kind not in _SUPPORTED_ROPE:
         raise NotImplementedError(
-            f"{r.where}: key {key!r} has rope_type {kind!r}, which is not supported (supported: {_SUPPORTED_ROPE})"
+            f"{r.where}: key {key!r} has rope_type {kind!r}, which is not supported "
+            f"(supported: {', '.join(_SUPPORTED_ROPE)})"
         )
     partial = params.pop("partial_rotary_factor", r.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
-        raise NotImplementedError(f"{r.where}: key 'partial_rotary_factor' = {partial!r} is not supported (only 1.0)")
+        raise NotImplementedError(
+            f"{r.where}: key 'partial_rotary_factor' = {partial!r} is not supported (only 1.0)"
+        )
     if kind == "default":
         return theta, None
     if kind == "llama3":
@@ -116,7 +121,8 @@ def _sliding_window_from_hf(r: _ConfigReader, model_type: str, n_layers: int) ->
         return None
     window = r.get("sliding_window")
     types = r.get("layer_types") or [
-        "sliding_attention" if i >= r.get("max_window_layers", 28) else "full_attention" for i in range(n_layers)
+        "sliding_attention" if i >= r.get("max_window_layers", 28) else "full_attention"
+        for i in range(n_layers)
     ]
     if set(types) == {"full_attention"}:
         return None
@@ -147,7 +153,9 @@ def config_from_hf(hf_config: dict, path_for_errors="config.json") -> Transforme
     if r.get("quantization_config") is not None:
         raise r.unsupported("quantization_config", "load a full-precision checkpoint")
     if r.get("attention_dropout", 0.0):
-        warnings.warn(f"{path_for_errors}: attention_dropout={r.get('attention_dropout')} is ignored (no dropout)")
+        warnings.warn(
+            f"{path_for_errors}: attention_dropout={r.get('attention_dropout')} is ignored (no dropout)"
+        )
 
     n_heads = r.required("num_attention_heads")
     dim = r.required("hidden_size")
@@ -180,8 +188,12 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32) -> 
     and per-head q/k norms need Qwen3 (which has no q/k/v-only bias, so both at once cannot be exported).
     """
     if cfg.qkv_bias and cfg.qk_norm:
-        raise NotImplementedError("qkv_bias together with qk_norm has no HF architecture (Qwen3 has no q/k/v bias)")
-    model_type = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+        raise NotImplementedError(
+            "qkv_bias together with qk_norm has no HF architecture (Qwen3 has no q/k/v bias)"
+        )
+    model_type = (
+        "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+    )
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type", "default"))
@@ -202,7 +214,9 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype = torch.float32) -> 
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": rope,  # transformers v5
         "rope_theta": cfg.rope_theta,  # v4 readers (older transformers, vLLM) look here ...
-        **({"rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}} if cfg.rope_scaling else {}),
+        **(
+            {"rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}} if cfg.rope_scaling else {}
+        ),
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0,
         "initializer_range": cfg.init_std,
@@ -246,14 +260,18 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         files = [path / name for name in dict.fromkeys(weight_map.values())]
     else:
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        hint = f" (found {pickles}: pickled weights are not loaded; convert them to safetensors)" if pickles else ""
+        hint = (
+            f" (found {pickles}: pickled weights are not loaded; convert them to safetensors)"
+            if pickles
+            else ""
+        )
         raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found{hint}")
     tensors = {}
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{file} (listed in {path / INDEX_NAME}) not found")
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 tensors[name] = f.get_tensor(name)
     return tensors
 
@@ -286,17 +304,21 @@ def load_hf(path, dtype: torch.dtype | None = None) -> Transformer:
         del expected["lm_head.weight"]
         head = state.pop("lm_head.weight", None)  # some tied checkpoints store the head too
         if head is not None and not torch.equal(head, state.get("embed_tokens.weight", head)):
-            raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from embed_tokens")
+            raise ValueError(
+                f"{path}: tie_word_embeddings is true but lm_head.weight differs from embed_tokens"
+            )
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
+        missing_s, unexpected_s = (f"{n[:8]}{'...' if len(n) > 8 else ''}" for n in (missing, unexpected))
         raise ValueError(
-            f"{path}: weights do not match config.json: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            f"{path}: weights do not match config.json: missing {missing_s}, unexpected {unexpected_s}"
         )
     for name, shape in expected.items():
         if state[name].shape != shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}")
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}"
+            )
 
     if dtype is None:
         stored = hf_config.get("dtype") or hf_config.get("torch_dtype")
