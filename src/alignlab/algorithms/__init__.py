@@ -4,5 +4,7 @@ from alignlab.algorithms.base import PolicyModule
 from alignlab.algorithms.sft import SFT
 from alignlab.algorithms.dpo import DPO
 from alignlab.algorithms.rm import RewardModel
+from alignlab.algorithms.grpo import GRPO
+from alignlab.algorithms.dapo import DAPO
 
-__all__ = ["PolicyModule", "SFT", "DPO", "RewardModel"]
+__all__ = ["PolicyModule", "SFT", "DPO", "RewardModel", "GRPO", "DAPO"]

@@ -1,0 +1,144 @@
+"""DAPO: Decoupled Clip and Dynamic sAmpling Policy Optimization (Yu et al. 2025) = GRPO + five changes.
+
+    J(theta) = E_{(q,a), {o_i} ~ pi_old} [ 1 / sum_i |o_i| * sum_i sum_t
+                   min( r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i ) ]
+    s.t.  0 < |{o_i : is_equivalent(a, o_i)}| < G                   (every group has mixed rewards)
+
+    R_i = R_task(o_i) + R_overlong(|o_i|),
+    R_overlong(L) = 0 if L <= L_max - L_cache;  ((L_max - L_cache) - L) / L_cache if L <= L_max;  -1 beyond
+
+Every change is a switch, so each one can be ablated (the defaults are the paper's):
+
+| switch (model.*)                    | default     | what it changes in the code                                       |
+|-------------------------------------|-------------|-------------------------------------------------------------------|
+| 1. ``beta``                         | 0.0         | no ``beta * KL`` term in ``GRPO.compute_loss``; ``self.ref`` is None: no reference model in memory, no reference forward in ``prepare`` |
+| 2. ``epsilon_low`` / ``epsilon_high`` | 0.2 / 0.28 | clip range ``[1 - eps_low, 1 + eps_high]`` of ``clipped_surrogate``: low-probability tokens with A > 0 may grow more |
+| 3. ``dynamic_sampling``, ``max_gen_rounds`` | True, 8 | ``make_rollout``: drop groups whose rewards are all equal (A = 0, no gradient), generate from more training prompts until the batch of prompts is full, trim to the batch size; error after max_gen_rounds |
+| 4. ``loss_agg_mode``                | token-mean  | ``aggregate``: sum over all tokens of the batch / total token count (long answers weigh by their length) |
+| 5. ``overlong_buffer_len`` (L_cache), ``max_new_tokens`` (L_max) | 4, 8 | ``score``: soft overlong punishment added to the reward (0 = off), logged as ``rewards/overlong/mean`` |
+| 5b. ``mask_truncated_completions``  | True        | ``prepare``: completions that hit L_max without EOS get zero loss weight (overlong filtering) |
+
+Set ``beta: 0.04, epsilon_high: 0.2, dynamic_sampling: false, loss_agg_mode: seq-mean-token-mean,
+overlong_buffer_len: 0, mask_truncated_completions: false`` and DAPO is GRPO again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from alignlab.algorithms.base import check
+from alignlab.algorithms.grpo import GRPO
+from alignlab.algorithms.on_policy import Rollout
+from alignlab.rewards.rules import overlong_penalty
+
+
+class DAPO(GRPO):
+    def __init__(
+        self,
+        beta: float = 0.0,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.28,
+        dynamic_sampling: bool = True,
+        max_gen_rounds: int = 8,
+        loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean",
+        overlong_buffer_len: int = 4,
+        mask_truncated_completions: bool = True,
+        **kwargs,
+    ):
+        """
+        Args:
+            beta: KL weight; DAPO removes the KL term (0), and then no reference model is loaded.
+            epsilon_low: lower clip range eps_low (ratio >= 1 - eps_low for A < 0).
+            epsilon_high: upper clip range eps_high, decoupled and higher (clip-higher).
+            dynamic_sampling: keep only groups with mixed rewards and refill the batch with new prompts.
+            max_gen_rounds: generation rounds allowed per step to fill the batch before stopping with an error.
+            loss_agg_mode: token-mean (DAPO's token-level loss) | seq-mean-token-mean | seq-mean-token-sum-norm.
+            overlong_buffer_len: L_cache of the soft overlong punishment (0 = off); L_max is max_new_tokens.
+            mask_truncated_completions: truncated completions (no EOS) get zero loss weight.
+        """
+        check("epsilon" not in kwargs, "epsilon", "DAPO takes epsilon_low / epsilon_high instead")
+        check(max_gen_rounds >= 1, "max_gen_rounds", f"must be >= 1, got {max_gen_rounds}")
+        check(overlong_buffer_len >= 0, "overlong_buffer_len", f"must be >= 0, got {overlong_buffer_len}")
+        super().__init__(beta=beta, epsilon=epsilon_low, epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode,
+                         mask_truncated_completions=mask_truncated_completions, **kwargs)
+        check(overlong_buffer_len <= self.hparams.max_new_tokens, "overlong_buffer_len",
+              f"must be <= max_new_tokens ({self.hparams.max_new_tokens}), got {overlong_buffer_len}")
+        self._extra_prompts: Iterator[dict] | None = None
+
+    # -- 5. soft overlong punishment, added to the task reward
+    @torch.no_grad()
+    def score(self, r: Rollout) -> None:
+        super().score(r)
+        h = self.hparams
+        if h.overlong_buffer_len > 0:
+            penalty = overlong_penalty(r.lengths, h.max_new_tokens, h.overlong_buffer_len).to(r.rewards)
+            r.rewards_per_func["overlong"] = penalty
+            r.rewards = r.rewards + penalty
+
+    # -- 3. dynamic sampling: only groups with mixed rewards, until the batch of prompts is full
+    def make_rollout(self, batch: dict) -> Rollout:
+        if not self.hparams.dynamic_sampling:
+            return super().make_rollout(batch)
+        G, max_rounds = self.hparams.num_generations, self.hparams.max_gen_rounds
+        want = batch["prompt_ids"].shape[0]  # prompts per batch (on this rank)
+        kept: list[Rollout] = []
+        n_kept = n_generated = 0
+        for rounds in range(1, max_rounds + 1):
+            r = super().make_rollout(batch)
+            grouped = r.rewards.reshape(-1, G)
+            mixed = (grouped != grouped[:, :1]).any(dim=1)  # (groups,): rewards not all equal
+            keep_rows = mixed.repeat_interleave(G).nonzero().squeeze(1)
+            kept.append(r.select(keep_rows))
+            n_kept += int(mixed.sum())
+            n_generated += grouped.shape[0]
+            self._all_rewards.append(r.rewards)
+            if n_kept >= want:
+                break
+            batch = self.next_prompts()
+        else:
+            raise RuntimeError(
+                f"DAPO dynamic sampling: only {n_kept} of {want} prompts had mixed rewards after "
+                f"model.max_gen_rounds={max_rounds} rounds ({n_generated} groups generated, all others had equal "
+                f"rewards). Raise max_gen_rounds or num_generations, start from a better/worse policy, "
+                f"or set model.dynamic_sampling=false.")
+        r = Rollout.cat(kept, pad_id=self.pad_id).select(torch.arange(want * G))  # trim to the batch size
+        self._gen_stats = {"dropped_groups": torch.tensor(float(n_generated - n_kept)),  # equal-reward groups
+                           "gen_rounds": torch.tensor(float(rounds))}
+        return r
+
+    def next_prompts(self) -> dict:
+        """The next batch from our own seeded, cycling iterator over the training prompts."""
+        if self._extra_prompts is None:
+            self._extra_prompts = self._cycle()
+        batch = next(self._extra_prompts)
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _cycle(self) -> Iterator[dict]:
+        dm = getattr(self.trainer, "datamodule", None)
+        base = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
+        # A different shuffle than the main loop's (and per rank), seeded for reproducibility.
+        seed = self.hparams.sampling_seed + 1 + 1000 * self.global_rank
+        g = torch.Generator().manual_seed(seed)
+        loader = DataLoader(base.dataset, batch_size=base.batch_size, shuffle=True, drop_last=True,
+                            generator=g, collate_fn=base.collate_fn)
+        while True:
+            yield from loader
+
+    # -- the step: as GRPO's, plus the dynamic-sampling counters
+    def training_step(self, batch, batch_idx):
+        self._all_rewards: list[torch.Tensor] = []
+        self._gen_stats = {}
+        return super().training_step(batch, batch_idx)
+
+    def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
+        metrics = super().compute_advantages(r)
+        if self.hparams.dynamic_sampling and self._all_rewards:
+            # after filtering every kept group is mixed; report the share among all generated groups
+            grouped = torch.cat(self._all_rewards).reshape(-1, self.hparams.num_generations)
+            metrics["frac_reward_zero_std"] = (grouped == grouped[:, :1]).all(dim=1).float().mean()
+            metrics.update({k: v.to(self.device) for k, v in self._gen_stats.items()})
+        return metrics

@@ -1,0 +1,346 @@
+"""OnPolicyModule: the online-RL loop shared by GRPO, DAPO (and PPO).
+
+One ``training_step`` is one iteration of
+
+    rollout     repeat each prompt G times and sample completions on the KV cache   (no grad)
+    score       reward functions -> one scalar reward per completion                  (no grad)
+    advantages  a hook: GRPO normalises rewards within each group; PPO would use GAE  (no grad)
+    prepare     log-probs that stay fixed during the updates (logp_old, reference)    (no grad)
+    update      num_iterations passes x minibatches optimizer steps on the rollout    (manual)
+
+Each step is an overridable method, so a subclass changes one of them and keeps the rest.
+
+Rewards are configured by import path, e.g. ``alignlab.rewards.rules.accuracy_reward``, with optional
+weights; several functions are summed. A function is called as TRL calls it,
+
+    fn(prompts: list[str], completions: list[str], completion_ids: list[list[int]], **columns) -> list[float]
+
+where ``columns`` are the batch's extra columns (``answer``, ...) repeated G times.
+
+DDP: every rank generates whole groups for its own prompts, so group statistics are local. Token means
+(``token-mean``) divide by the token count summed over ranks, and the loss is multiplied by the world
+size because DDP averages gradients: the update is then exactly the full-batch update.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from alignlab.algorithms.base import PolicyModule, check
+
+
+def resolve_callable(path: str, arg: str) -> Callable:
+    """``"package.module.fn"`` -> the function; an unresolvable path fails naming the argument."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        if not module_name:
+            raise ImportError(f"{path!r} is not a dotted import path")
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model.{arg}: cannot import {path!r} ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"model.{arg}: {path!r} is not callable")
+    return fn
+
+
+# ----------------------------------------------------------------------------------- the rollout
+@dataclass
+class Rollout:
+    """N = prompts x G completions. Prompts are left-padded, per-token tensors right-padded."""
+
+    prompt_ids: torch.Tensor  # (N, P)
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C)
+    completion_mask: torch.Tensor  # (N, C) 1 up to and including EOS
+    truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
+    prompts: list[str]  # (N,)
+    completions: list[str]  # (N,)
+    columns: dict[str, list] = field(default_factory=dict)  # extra dataset columns, (N,) each
+    rewards: torch.Tensor | None = None  # (N,) weighted sum of the reward functions
+    rewards_per_func: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) raw values
+    advantages: torch.Tensor | None = None  # (N,) or (N, C)
+    logp_old: torch.Tensor | None = None  # (N, C), only when the policy moves before the last update
+    ref_logp: torch.Tensor | None = None  # (N, C), only with a reference model
+    loss_mask: torch.Tensor | None = None  # (N, C) tokens that carry loss (default: completion_mask)
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    def select(self, idx: torch.Tensor | list[int]) -> Rollout:
+        """The rows in ``idx`` (a minibatch or the kept groups), with padding columns trimmed."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v[idx.to(v.device)]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx.tolist()]
+            elif isinstance(v, dict):
+                out[f.name] = {k: (x[idx.to(x.device)] if isinstance(x, torch.Tensor) else [x[i] for i in idx.tolist()])
+                               for k, x in v.items()}
+            else:
+                out[f.name] = v
+        return Rollout(**out)
+
+    @staticmethod
+    def cat(parts: list[Rollout], pad_id: int = 0) -> Rollout:
+        """Concatenate rollouts of different padded lengths (prompts pad left, completions right)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = {}
+        for f in fields(Rollout):
+            vals = [getattr(p, f.name) for p in parts]
+            if vals[0] is None:
+                out[f.name] = None
+            elif isinstance(vals[0], torch.Tensor):
+                side = "left" if f.name.startswith("prompt") else "right"
+                out[f.name] = _cat_padded(vals, side, pad=pad_id if f.name.endswith("_ids") else 0)
+            elif isinstance(vals[0], list):
+                out[f.name] = [x for v in vals for x in v]
+            else:  # dict of columns / rewards
+                out[f.name] = {k: (torch.cat([v[k] for v in vals]) if isinstance(vals[0][k], torch.Tensor)
+                                   else [x for v in vals for x in v[k]]) for k in vals[0]}
+        return Rollout(**out)
+
+
+def _cat_padded(ts: list[torch.Tensor], side: str, pad: int | float = 0) -> torch.Tensor:
+    if ts[0].dim() < 2:
+        return torch.cat(ts)
+    T = max(t.shape[1] for t in ts)
+    padded = []
+    for t in ts:
+        extra = t.new_full((t.shape[0], T - t.shape[1]), pad)
+        padded.append(torch.cat([extra, t] if side == "left" else [t, extra], dim=1))
+    return torch.cat(padded)
+
+
+# ------------------------------------------------------------------------------------ the module
+class OnPolicyModule(PolicyModule):
+    data_kind = "prompt"
+
+    def __init__(
+        self,
+        num_generations: int = 8,
+        max_new_tokens: int = 8,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        reward_funcs: list[str] | None = None,
+        reward_weights: list[float] | None = None,
+        num_iterations: int = 1,
+        minibatches: int = 1,
+        log_completions_every_n_steps: int = 10,
+        **kwargs,
+    ):
+        """
+        Args:
+            num_generations: G, completions sampled per prompt (a group).
+            max_new_tokens: L_max, the maximum completion length in tokens (EOS included).
+            temperature: sampling temperature; log-probs in the loss use the same softmax(logits / T).
+            top_k: sample only among the k most likely tokens (0 = off).
+            top_p: nucleus sampling threshold (1.0 = off).
+            reward_funcs: import paths of reward functions; default ["alignlab.rewards.rules.accuracy_reward"].
+            reward_weights: one weight per reward function (default all 1.0); the reward is the weighted sum.
+            num_iterations: mu, passes over each rollout (mu > 1 reuses it: ratios move away from 1).
+            minibatches: optimizer steps per pass; the rollout's completions are split into this many parts.
+            log_completions_every_n_steps: write sample completions with rewards to TensorBoard every n steps.
+        """
+        super().__init__(**kwargs)
+        check(num_generations >= 1, "num_generations", f"must be >= 1, got {num_generations}")
+        check(max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+        check(temperature > 0, "temperature", f"must be > 0, got {temperature}")
+        check(top_k >= 0, "top_k", f"must be >= 0, got {top_k}")
+        check(0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}")
+        check(num_iterations >= 1, "num_iterations", f"must be >= 1, got {num_iterations}")
+        check(minibatches >= 1, "minibatches", f"must be >= 1, got {minibatches}")
+        check(log_completions_every_n_steps >= 1, "log_completions_every_n_steps",
+              f"must be >= 1, got {log_completions_every_n_steps}")
+        reward_funcs = ["alignlab.rewards.rules.accuracy_reward"] if reward_funcs is None else list(reward_funcs)
+        check(len(reward_funcs) >= 1, "reward_funcs", "needs at least one reward function")
+        if reward_weights is None:
+            reward_weights = [1.0] * len(reward_funcs)
+        check(len(reward_weights) == len(reward_funcs), "reward_weights",
+              f"has {len(reward_weights)} weights for {len(reward_funcs)} reward_funcs")
+        self.reward_paths = reward_funcs
+        self.reward_fns = [resolve_callable(p, "reward_funcs") for p in reward_funcs]
+        self.reward_weights = [float(w) for w in reward_weights]
+        self.automatic_optimization = False
+
+    # --------------------------------------------------------------------------- helpers
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def global_sum(self, x: torch.Tensor | float) -> torch.Tensor:
+        """Sum over DDP ranks (the local value on one device)."""
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.trainer.strategy.reduce(x.clone(), reduce_op="sum")
+
+    def optimizer_steps_per_batch(self) -> int:
+        return self.hparams.num_iterations * self.hparams.minibatches
+
+    def reward_name(self, i: int) -> str:
+        return getattr(self.reward_fns[i], "__name__", self.reward_paths[i].rsplit(".", 1)[-1])
+
+    # --------------------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> Rollout:
+        """Repeat each prompt G times (groups are consecutive) and sample one completion per row."""
+        G, h = self.hparams.num_generations, self.hparams
+        prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)
+        out = self.generate(prompt_ids, prompt_mask, h.max_new_tokens, temperature=h.temperature,
+                            top_k=h.top_k, top_p=h.top_p)
+        skip = {"prompt_ids", "prompt_mask", "prompt"}
+        columns = {k: [x for x in v for _ in range(G)] for k, v in batch.items()
+                   if k not in skip and isinstance(v, list)}
+        return Rollout(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+            completion_ids=out.completion_ids, completion_mask=out.completion_mask, truncated=out.truncated,
+            prompts=[p for p in batch["prompt"] for _ in range(G)],
+            completions=self.decode(out.completion_ids, out.completion_mask),
+            columns=columns,
+        )
+
+    # ----------------------------------------------------------------------------- score
+    @torch.no_grad()
+    def score(self, r: Rollout) -> None:
+        """r.rewards = sum_j w_j * fn_j(prompts, completions, **columns); raw values per function kept."""
+        ids = [row[m.bool()].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
+        total = torch.zeros(len(r), device=self.device)
+        for i, (fn, path, w) in enumerate(zip(self.reward_fns, self.reward_paths, self.reward_weights)):
+            try:
+                values = fn(list(r.prompts), list(r.completions), completion_ids=ids,
+                            **{k: list(v) for k, v in r.columns.items()})
+            except Exception as e:
+                raise RuntimeError(f"reward function {path} raised {type(e).__name__}: {e}") from e
+            try:
+                values = [float(v) for v in values]
+            except (TypeError, ValueError) as e:
+                raise RuntimeError(f"reward function {path} must return a list of numbers: {e}") from None
+            if len(values) != len(r):
+                raise RuntimeError(f"reward function {path} returned {len(values)} rewards "
+                                   f"for {len(r)} completions")
+            values = torch.tensor(values, dtype=torch.float32, device=self.device)
+            r.rewards_per_func[self.reward_name(i)] = values
+            total = total + w * values
+        r.rewards = total
+
+    def make_rollout(self, batch: dict) -> Rollout:
+        """Generate and score one batch of prompts (DAPO overrides this with dynamic sampling)."""
+        r = self.rollout(batch)
+        self.score(r)
+        return r
+
+    # ------------------------------------------------------------------------ advantages
+    def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
+        """Set r.advantages ((N,) or (N, C)); return metrics. GRPO: group-relative; PPO: GAE."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------- prepare
+    def reuses_rollout(self) -> bool:
+        """Does the policy change before the last update on this rollout? Then logp_old must be stored."""
+        return self.hparams.num_iterations > 1 or self.hparams.minibatches > 1
+
+    @torch.no_grad()
+    def prepare(self, r: Rollout) -> None:
+        """Log-probs that are constant during the updates. Subclasses add e.g. the reference's."""
+        r.loss_mask = r.completion_mask if r.loss_mask is None else r.loss_mask
+        if self.reuses_rollout():
+            r.logp_old = self.logps_no_grad(self.policy, r)
+
+    @torch.no_grad()
+    def logps_no_grad(self, model, r: Rollout, chunk: int = 256) -> torch.Tensor:
+        parts = []
+        for s in range(0, len(r), chunk):
+            sl = slice(s, s + chunk)
+            parts.append(self.completion_logps(model, r.prompt_ids[sl], r.prompt_mask[sl], r.completion_ids[sl],
+                                               r.completion_mask[sl], temperature=self.hparams.temperature))
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------------------ loss
+    def compute_loss(self, mb: Rollout, num_tokens: torch.Tensor, num_seqs: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a minibatch: this rank's share of the global (all-rank) minibatch loss."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- update
+    def update(self, r: Rollout) -> dict[str, torch.Tensor]:
+        """num_iterations passes x minibatches optimizer steps; returns the metrics averaged over steps."""
+        h = self.hparams
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        n = len(r)
+        check(n >= h.minibatches, "minibatches", f"{h.minibatches} minibatches for only {n} completions")
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        for _ in range(h.num_iterations):
+            order = torch.randperm(n, generator=self.generator) if h.minibatches > 1 else torch.arange(n)
+            for idx in order.chunk(h.minibatches):
+                mb = r.select(idx)
+                num_tokens = self.global_sum(mb.loss_mask.sum())
+                num_seqs = self.global_sum(len(mb))
+                loss, metrics = self.compute_loss(mb, num_tokens, num_seqs)
+                # DDP averages gradients over ranks; our loss is already a share of the global mean.
+                self.manual_backward(loss * self.world_size)
+                if h.max_grad_norm:
+                    self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if sched is not None:
+                    sched.step()
+                metrics = {"loss": loss.detach() * self.world_size, **metrics}
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                steps += 1
+        return {k: v / steps for k, v in sums.items()}
+
+    # ----------------------------------------------------------------------- the step
+    def training_step(self, batch, batch_idx):
+        r = self.make_rollout(batch)
+        adv_metrics = self.compute_advantages(r)
+        self.prepare(r)
+        self.policy.train()
+        upd_metrics = self.update(r)
+        self.log_rollout(r, {**adv_metrics, **upd_metrics})
+
+    # ---------------------------------------------------------------------------- logging
+    def rollout_metrics(self, r: Rollout) -> dict[str, torch.Tensor]:
+        lengths = r.lengths.float()
+        m = {
+            "train/reward": r.rewards.mean(),
+            "completions/mean_length": lengths.mean(),
+            "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": r.truncated.float().mean(),
+        }
+        for name, v in r.rewards_per_func.items():
+            m[f"rewards/{name}/mean"] = v.mean()
+        return m
+
+    def log_rollout(self, r: Rollout, metrics: dict[str, torch.Tensor]) -> None:
+        out = self.rollout_metrics(r)
+        for k, v in metrics.items():
+            out[k if "/" in k and k.split("/")[0] in ("train", "rewards", "completions") else f"train/{k}"] = v
+        bs = len(r)
+        for k, v in out.items():
+            self.log(k, torch.as_tensor(v, dtype=torch.float32, device=self.device), on_step=True,
+                     prog_bar=k in ("train/reward", "train/loss"), batch_size=bs, sync_dist=self.world_size > 1)
+        if self.global_step % self.hparams.log_completions_every_n_steps < self.optimizer_steps_per_batch():
+            names = list(r.rewards_per_func)
+            rows = [(r.prompts[i], r.completions[i], *(f"{r.rewards_per_func[n][i].item():.3g}" for n in names),
+                     f"{r.rewards[i].item():.3g}", f"{float(r.advantages.reshape(len(r), -1)[i, 0]):.3g}")
+                    for i in range(min(len(r), self.hparams.num_logged_samples))]
+            self.log_text("train/completions", ["prompt", "completion", *names, "reward", "advantage"], rows)
+
