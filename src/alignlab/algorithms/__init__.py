@@ -6,5 +6,6 @@ from alignlab.algorithms.dpo import DPO
 from alignlab.algorithms.rm import RewardModel
 from alignlab.algorithms.grpo import GRPO
 from alignlab.algorithms.dapo import DAPO
+from alignlab.algorithms.ppo import PPO
 
-__all__ = ["PolicyModule", "SFT", "DPO", "RewardModel", "GRPO", "DAPO"]
+__all__ = ["PolicyModule", "SFT", "DPO", "RewardModel", "GRPO", "DAPO", "PPO"]
