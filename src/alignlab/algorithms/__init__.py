@@ -7,5 +7,6 @@ from alignlab.algorithms.rm import RewardModel
 from alignlab.algorithms.grpo import GRPO
 from alignlab.algorithms.dapo import DAPO
 from alignlab.algorithms.ppo import PPO
+from alignlab.algorithms.seq2seq import Seq2Seq
 
-__all__ = ["PolicyModule", "SFT", "DPO", "RewardModel", "GRPO", "DAPO", "PPO"]
+__all__ = ["PolicyModule", "SFT", "DPO", "RewardModel", "GRPO", "DAPO", "PPO", "Seq2Seq"]
