@@ -1,0 +1,182 @@
+"""Sampling throughput: our ``generate`` vs transformers' ``generate`` on the SAME weights.
+
+    python benchmarks/bench_generate.py [--out benchmarks/results/generate.json] [--repeats 5]
+
+The default TransformerConfig (the ~5M-parameter model of the built-in tasks) is exported with ``to_hf``
+and loaded back as a ``LlamaForCausalLM``, so both sides run identical weights. Batch of 32 left-padded
+prompts (lengths 8..16), 32 new tokens, plain sampling (temperature 1, no top-k / top-p), an EOS id
+outside the vocabulary so every row produces exactly 32 tokens, 2 threads. After a warm-up each side is
+timed ``--repeats`` times (interleaved) and the median is reported as generated tokens per second.
+
+Fairness: transformers runs with its KV cache (``use_cache=True``), no streamer, no scores or
+logits kept, top_k=0 so no logits processor is added; ours additionally computes the log-prob of every
+sampled token (the trainers need them), which transformers does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alignlab.model.generate import generate
+from alignlab.model.transformer import Transformer, TransformerConfig
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_prompts(batch: int, max_len: int, vocab: int, pad: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max_len // 2, max_len + 1, (batch,), generator=g)
+    ids = torch.randint(1, vocab, (batch, max_len), generator=g)
+    mask = (torch.arange(max_len)[None, :] >= max_len - lengths[:, None]).long()  # left padding
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--out", default="benchmarks/results/generate.json")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    cfg = TransformerConfig()
+    ours = Transformer(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        ours.to_hf(d)
+        hf = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+    pad, eos = 0, cfg.vocab_size  # an id outside the vocabulary: never sampled, so no row stops early
+    ids, mask = make_prompts(args.batch, args.prompt_len, cfg.vocab_size, pad, args.seed)
+    with torch.no_grad():  # same weights -> same logits
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        diff = (ours(ids, mask) - ref)[mask.bool()].abs().max().item()
+    assert diff < 1e-4, f"ours and transformers disagree on the logits (max |diff| = {diff})"
+
+    def run_ours():
+        out = generate(
+            ours,
+            ids,
+            mask,
+            args.new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+        )
+        assert out.completion_ids.shape == (args.batch, args.new_tokens)
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=0,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                use_cache=True,
+                num_beams=1,
+                return_dict_in_generate=False,
+                output_scores=False,
+            )
+        assert out.shape == (args.batch, args.prompt_len + args.new_tokens)
+
+    load_before = os.getloadavg()[0]  # other processes on the machine skew both sides; recorded below
+    for _ in range(args.warmup):
+        run_ours()
+        run_hf()
+    ours_t, hf_t = [], []
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both sides alike
+        ours_t += timed(run_ours, 1)
+        hf_t += timed(run_hf, 1)
+    n_tokens = args.batch * args.new_tokens
+    ours_tps, hf_tps = n_tokens / statistics.median(ours_t), n_tokens / statistics.median(hf_t)
+
+    result = {
+        "machine": {
+            "cpu": cpu_model(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "load_avg_1min_before": round(load_before, 2),
+            "load_avg_1min_after": round(os.getloadavg()[0], 2),
+        },
+        "config": {**cfg.to_dict(), "parameters": ours.num_parameters()},
+        "workload": {
+            "batch": args.batch,
+            "prompt_len": args.prompt_len,
+            "prompt_lengths": mask.sum(-1).tolist(),
+            "new_tokens": args.new_tokens,
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "dtype": "float32",
+        },
+        "ours_seconds": ours_t,
+        "hf_seconds": hf_t,
+        "ours_tokens_per_s": round(ours_tps, 1),
+        "hf_tokens_per_s": round(hf_tps, 1),
+        "speedup": round(ours_tps / hf_tps, 2),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"generate B={args.batch} new={args.new_tokens} threads={args.threads}: ours {ours_tps:,.0f} tok/s, "
+        f"transformers {hf_tps:,.0f} tok/s, speedup {ours_tps / hf_tps:.2f}x -> {out}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
