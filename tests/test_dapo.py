@@ -2,13 +2,12 @@
 
 import math
 
-import lightning as L
 import pytest
 import torch
-from conftest import SCRATCHPAD, datamodule, fit, tiny_arch, val_accuracy
 
 from alignlab.algorithms import DAPO
 from alignlab.rewards.rules import overlong_penalty
+from conftest import datamodule, fit, rl_learning_run, tiny_arch
 
 
 # ------------------------------------------------------------------ reward functions used by path
@@ -166,21 +165,8 @@ def test_dapo_raises_validation_accuracy(scratchpad_sft_export):
     """From the scratchpad SFT policy, DAPO learns to prefer the reliable strategy (the worked-out sum).
 
     Measured (1 thread, seed 0, 100 steps of 16 prompts x 8 samples, lr 1e-4, ~20 s): validation accuracy
-    0.45 -> 0.59, mean completion length 9 -> 13-15 tokens. We require +0.08 and longer completions.
+    0.42 -> 0.60, mean completion length 9.9 -> 12.9 tokens. We require +0.12 and longer completions.
     """
-    path = scratchpad_sft_export
-    L.seed_everything(0)
-    kw = dict(init_from=path, num_generations=8, lr=1e-4, max_new_tokens=24, val_max_new_tokens=24)
-    dm = datamodule("prompt", tokenizer=path, batch_size=16, **SCRATCHPAD)
-    start = val_accuracy(DAPO(**kw), dm)
-    module = DAPO(**kw)
-    lengths = []
-
-    class Lengths(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            lengths.append(float(trainer.callback_metrics["completions/mean_length"]))
-
-    fit(module, dm, max_steps=100, callbacks=[Lengths()])
-    end = val_accuracy(module, dm)
-    assert end >= start + 0.08, (start, end)
+    start, end, lengths = rl_learning_run(DAPO, scratchpad_sft_export)
+    assert end >= start + 0.12, (start, end)
     assert sum(lengths[-20:]) / 20 > sum(lengths[:10]) / 10 + 2  # the scratchpad took over

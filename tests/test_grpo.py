@@ -2,12 +2,11 @@
 
 import math
 
-import lightning as L
 import pytest
 import torch
-from conftest import SCRATCHPAD, datamodule, fit, tiny_arch, val_accuracy
 
 from alignlab.algorithms import GRPO
+from conftest import datamodule, fit, rl_learning_run, tiny_arch
 
 
 # ------------------------------------------------------------------ reward functions used by path
@@ -172,21 +171,8 @@ def test_grpo_raises_validation_accuracy(scratchpad_sft_export):
     """From the scratchpad SFT policy, GRPO learns to prefer the reliable strategy (the worked-out sum).
 
     Measured (1 thread, seed 0, 100 steps of 16 prompts x 8 samples, lr 1e-4, ~20 s): validation accuracy
-    0.45 -> 0.59, mean completion length 9 -> 13-15 tokens. We require +0.08 and longer completions.
+    0.42 -> 0.51, mean completion length 9.9 -> 12.8 tokens. We require +0.06 and longer completions.
     """
-    path = scratchpad_sft_export
-    L.seed_everything(0)
-    kw = dict(init_from=path, num_generations=8, lr=1e-4, max_new_tokens=24, val_max_new_tokens=24)
-    dm = datamodule("prompt", tokenizer=path, batch_size=16, **SCRATCHPAD)
-    start = val_accuracy(GRPO(**kw), dm)
-    module = GRPO(**kw)
-    lengths = []
-
-    class Lengths(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            lengths.append(float(trainer.callback_metrics["completions/mean_length"]))
-
-    fit(module, dm, max_steps=100, callbacks=[Lengths()])
-    end = val_accuracy(module, dm)
-    assert end >= start + 0.08, (start, end)
+    start, end, lengths = rl_learning_run(GRPO, scratchpad_sft_export)
+    assert end >= start + 0.06, (start, end)
     assert sum(lengths[-20:]) / 20 > sum(lengths[:10]) / 10 + 2  # the scratchpad took over
