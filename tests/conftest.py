@@ -1,6 +1,8 @@
 """Shared fixtures. Every test runs on one thread (speed and stability); 2 xdist workers use both cores."""
 
+import json
 import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,6 +17,22 @@ TINY = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=48)
 TASK = {"max_digits": 2}
 # The RL task: half of the SFT completions work the sum out column by column before the answer.
 SCRATCHPAD = dict(task_args={"max_digits": 2, "scratchpad_prob": 0.5}, max_completion_length=24)
+
+
+@pytest.fixture
+def record(request):
+    """``record(**values)``: with ALIGNLAB_RECORD=<dir>, a learning test writes what it measured to
+    <dir>/<test name>.json (the README's results table is made from these). Otherwise a no-op."""
+    root = os.environ.get("ALIGNLAB_RECORD")
+
+    def write(**values):
+        if root:
+            out = Path(root) / f"{request.node.name}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            values = {k: round(float(v), 4) for k, v in values.items()}
+            out.write_text(json.dumps({"test": request.node.nodeid, **values}, indent=1) + "\n")
+
+    return write
 
 
 @pytest.fixture(autouse=True)

@@ -173,7 +173,7 @@ def test_smoke_20_steps_logs_trl_metrics_and_exports(tmp_path):
     torch.testing.assert_close(back.embed_tokens.weight, m.policy.embed_tokens.weight)
 
 
-def test_dpo_learns_from_sft(sft_export):
+def test_dpo_learns_from_sft(sft_export, record):
     """DPO (+ RPO's NLL on chosen) from the ~40% SFT policy on near-miss pairs.
 
     Measured (1 thread, ~20 s): val/accuracy 0.39 -> 0.51, val/rewards/accuracies 0.78, train
@@ -187,6 +187,7 @@ def test_dpo_learns_from_sft(sft_export):
     m = DPO(**kw)
     trainer = fit(m, dm, max_steps=100)
     metrics = trainer.callback_metrics
+    record(start=start, end=metrics["val/accuracy"], rewards_accuracies=metrics["val/rewards/accuracies"])
     assert metrics["val/accuracy"] >= start + 0.06, (start, metrics["val/accuracy"])
     assert metrics["val/rewards/accuracies"] >= 0.7
     assert metrics["rewards/accuracies"] >= 0.7

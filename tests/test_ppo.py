@@ -280,9 +280,9 @@ def onpolicy_rm(scratchpad_sft_export, tmp_path_factory):
     """A reward model trained the InstructGPT way: pairs of the SFT policy's OWN samples, ranked by a labeller
     (here the task verifier): chosen = a correct sample, rejected = a wrong one for the same prompt.
 
-    The default RM data (correct answer vs a one-digit near-miss) never shows a wrong scratchpad, and PPO
-    against that RM drives accuracy DOWN (measured: 0.45 -> 0.08 in 100 steps, while objective/scores
-    rises 1.9 -> 3.0): textbook reward hacking. ~2000 on-policy pairs, 300 steps: ~15 s on one thread.
+    The default RM data (correct answer vs a one-digit or one-column slip) gives a 0.68-accurate RM, and PPO
+    against that RM drives accuracy DOWN (measured: 0.42 -> 0.06 at lr 1e-4, kl_coef 0.05, while
+    objective/scores rises): textbook reward hacking. ~2000 on-policy pairs, 300 steps: ~15 s on one thread.
     """
     from alignlab.algorithms import SFT
     from alignlab.rewards.rules import accuracy_reward
@@ -333,24 +333,26 @@ def run_ppo(path: str, steps: int = 100, **kw) -> tuple[float, float, list[float
     return start, val_accuracy(module, dm), acc
 
 
-def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_export, onpolicy_rm):
+def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_export, onpolicy_rm, record):
     """SFT -> RM -> PPO. The rule accuracy is only monitored (rule_reward_weight 0): the policy sees the RM alone.
 
     Measured (1 thread, seed 0, 100 rollouts of 16 prompts x 8 samples, lr 3e-5, kl_coef 0.2): greedy
-    validation accuracy 0.45 -> 0.53; rollout accuracy 0.22 -> 0.31 (first vs last quarter). With lr 1e-4 and
+    validation accuracy 0.42 -> 0.51; rollout accuracy 0.26 -> 0.32 (first vs last quarter). With lr 1e-4 and
     kl_coef 0.05 the same RM is hacked (accuracy falls): the KL leash matters. We require +0.04.
     """
     start, end, acc = run_ppo(scratchpad_sft_export, reward_model=onpolicy_rm, lr=3e-5, kl_coef=0.2)
+    record(start=start, end=end, rollout_acc_start=sum(acc[:25]) / 25, rollout_acc_end=sum(acc[-25:]) / 25)
     assert end >= start + 0.04, (start, end)
     assert sum(acc[-25:]) / 25 > sum(acc[:25]) / 25, acc
 
 
-def test_ppo_with_the_rule_reward_alone_raises_accuracy(scratchpad_sft_export):
+def test_ppo_with_the_rule_reward_alone_raises_accuracy(scratchpad_sft_export, record):
     """PPO on verifiable rewards: no reward model, accuracy_reward is the score, the critic starts from the policy.
 
     Measured (1 thread, seed 0, 100 rollouts of 16 x 8, lr 1e-4, kl_coef 0.05): greedy validation accuracy
-    0.45 -> 0.55; rollout accuracy 0.25 -> 0.39 (first vs last quarter). We require +0.06.
+    0.42 -> 0.57; rollout accuracy 0.27 -> 0.39 (first vs last quarter). We require +0.06.
     """
     start, end, acc = run_ppo(scratchpad_sft_export)
+    record(start=start, end=end, rollout_acc_start=sum(acc[:25]) / 25, rollout_acc_end=sum(acc[-25:]) / 25)
     assert end >= start + 0.06, (start, end)
     assert sum(acc[-25:]) / 25 > sum(acc[:25]) / 25 + 0.05, acc

@@ -91,7 +91,7 @@ def test_smoke_20_steps_export_is_what_ppo_loads(tmp_path):
         torch.testing.assert_close(again.model.score(ids, mask), m.model.score(ids, mask), atol=1e-6, rtol=0)
 
 
-def test_reward_model_learns_pairwise_accuracy(sft_export):
+def test_reward_model_learns_pairwise_accuracy(sft_export, record):
     """From the ~40% SFT trunk with a fresh head: chosen = correct sum, rejected = one digit changed.
 
     Measured (1 thread, ~10 s, torch 2.13 CPU): held-out pairwise val/accuracy 0.54 at init -> 0.73 after
@@ -103,5 +103,6 @@ def test_reward_model_learns_pairwise_accuracy(sft_export):
     start = L.Trainer(logger=False, enable_progress_bar=False).validate(m, dm, verbose=False)[0]["val/accuracy"]
     trainer = fit(m, dm, max_steps=100)
     acc = trainer.callback_metrics["val/accuracy"].item()
+    record(start=start, end=acc)
     assert acc >= 0.65 and acc >= start + 0.1, (start, acc)
     assert trainer.callback_metrics["val/margin"] > 0.3

@@ -43,16 +43,17 @@ def test_sft_smoke_20_steps_lowers_loss_and_changes_weights(tmp_path):
     assert (tmp_path / "lightning_logs").exists()
 
 
-def test_sft_learns_the_default_task(sft_export):
+def test_sft_learns_the_default_task(sft_export, record):
     """The tiny model (2 layers, dim 64) trained for 800 steps on 1-2 digit addition.
 
     Measured: ~0.39 validation accuracy (from 0.0 at init); we require 0.25.
     """
     module = SFT(init_from=sft_export)
     dm = datamodule("sft", tokenizer=sft_export)
-    assert val_accuracy(module, dm) >= 0.25
-    fresh = SFT(arch=tiny_arch())
-    assert val_accuracy(fresh, dm) < 0.05
+    end, init = val_accuracy(module, dm), val_accuracy(SFT(arch=tiny_arch()), dm)
+    record(start=init, end=end)
+    assert end >= 0.25
+    assert init < 0.05
 
 
 def test_export_round_trip_is_exact(sft_export, tmp_path):

@@ -60,6 +60,45 @@ def test_near_miss_is_wrong_but_close():
         assert wrong != ex.answer and len(wrong) == len(ex.answer) and not task.verify(wrong, ex.answer)
 
 
+def test_scratchpad_works_the_sum_out_column_by_column():
+    from alignlab.data.tasks import scratchpad
+
+    assert scratchpad([37, 58]) == "7+8=15,3+5+1=9=95"
+    assert scratchpad([97, 58]) == "7+8=15,9+5+1=15=155"
+    assert scratchpad([5, 61, 9]) == "5+1+9=15,0+6+0+1=7=75"
+    assert scratchpad([97, 58], slip=(0, -1)) == "7+8=14,9+5+1=15=154"  # the mistake is carried through
+    assert scratchpad([97, 58], slip=(0, -2)) == "7+8=13,9+5+1=15=153"
+    assert scratchpad([97, 58], slip=(1, 1)) == "7+8=15,9+5+1=16=165"
+
+
+def test_scratchpad_share_and_verification():
+    plain = get_task("addition").examples(400, "train", seed=0)
+    task = get_task("addition", scratchpad_prob=0.5)
+    mixed = task.examples(400, "train", seed=0)
+    n_pad = sum(ex.completion != ex.answer for ex in mixed)
+    assert 150 < n_pad < 250  # about half
+    assert all(task.verify(ex.completion, ex.answer) for ex in mixed)  # both styles verify
+    assert all(ex.completion == ex.answer for ex in plain)  # scratchpad_prob 0: the plain task
+    with pytest.raises(ValueError, match="scratchpad_prob"):
+        get_task("addition", scratchpad_prob=1.5)
+
+
+def test_scratchpad_near_miss_is_a_consistent_wrong_working():
+    import random
+
+    from alignlab.data.tasks import scratchpad
+
+    task = get_task("addition", scratchpad_prob=1.0)
+    rng = random.Random(0)
+    for ex in task.examples(50, "train", seed=0):
+        wrong = task.near_miss(ex, rng)
+        assert not task.verify(wrong, ex.answer) and "-" not in wrong
+        nums = [int(x) for x in ex.prompt[:-1].split("+")]
+        width = max(len(str(n)) for n in nums)
+        slips = [scratchpad(nums, slip=(c, d)) for c in range(width) for d in (-2, -1, 1, 2)]
+        assert wrong in slips  # exactly one column summed wrong, carried through
+
+
 def test_unknown_task_and_bad_args():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         get_task("nope")

@@ -65,16 +65,23 @@ class Task:
         return out
 
 
-def scratchpad(nums: list[int]) -> str:
-    """Column addition written out, ones digit first: 97+58 -> ``7+8=15,9+5+1=15=155``."""
+def scratchpad(nums: list[int], slip: tuple[int, int] | None = None) -> str:
+    """Column addition written out, ones digit first: 97+58 -> ``7+8=15,9+5+1=15=155``.
+
+    ``slip=(column, delta)`` makes the sum of that column off by ``delta`` and carries the mistake through
+    consistently (later carries and the answer follow the wrong total): the kind of wrong completion a
+    policy that has learned the scratchpad actually writes.
+    """
     width = max(len(str(n)) for n in nums)
     cols = [[int(str(n).zfill(width)[-1 - i]) for n in nums] for i in range(width)]
-    steps, carry = [], 0
-    for col in cols:
-        total = sum(col) + carry
+    steps, digits, carry = [], [], 0
+    for i, col in enumerate(cols):
+        total = sum(col) + carry + (slip[1] if slip and slip[0] == i else 0)
         steps.append("+".join(map(str, col + ([carry] if carry else []))) + f"={total}")
+        digits.append(total % 10)
         carry = total // 10
-    return ",".join(steps) + f"={sum(nums)}"
+    answer = int(str(carry) + "".join(map(str, reversed(digits))))
+    return ",".join(steps) + f"={answer}"
 
 
 class Addition(Task):
@@ -108,6 +115,18 @@ class Addition(Task):
         use_pad = self.scratchpad_prob > 0 and rng.random() < self.scratchpad_prob
         completion = scratchpad(nums) if use_pad else answer
         return Example(prompt="+".join(map(str, nums)) + "=", answer=answer, completion=completion)
+
+    def near_miss(self, example: Example, rng: random.Random) -> str:
+        """A direct answer: one digit changed. A scratchpad: one column summed wrong, carried through."""
+        if example.completion == example.answer:
+            return super().near_miss(example, rng)
+        nums = [int(x) for x in example.prompt.rstrip("=").split("+")]
+        width = max(len(str(n)) for n in nums)
+        while True:
+            column, delta = rng.randrange(width), rng.choice([-2, -1, 1, 2])
+            wrong = scratchpad(nums, slip=(column, delta))
+            if "-" not in wrong and wrong.rsplit("=", 1)[1] != example.answer:
+                return wrong
 
 
 class Reverse(Task):
