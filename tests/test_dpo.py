@@ -174,11 +174,12 @@ def test_smoke_20_steps_logs_trl_metrics_and_exports(tmp_path):
 
 
 def test_dpo_learns_from_sft(sft_export, record):
-    """DPO (+ RPO's NLL on chosen) from the ~40% SFT policy on near-miss pairs.
+    """DPO (+ RPO's NLL on chosen) from the tiny SFT policy on near-miss pairs.
 
-    Measured (1 thread, ~20 s): val/accuracy 0.39 -> 0.51, val/rewards/accuracies 0.78, train
-    rewards/accuracies 0.81 (0 at step 0). Pure DPO (rpo_alpha=0) reaches the same reward accuracies
-    but greedy accuracy falls (0.39 -> 0.37 at lr 1e-4; -> 0.17 at lr 1e-3): log pi(chosen) drops too.
+    Measured (1 thread, torch 2.13 CPU, ~20 s): val/accuracy 0.69 -> 0.75, val/rewards/accuracies 0.86
+    (0 at step 0). We require +0.04. Pure DPO (rpo_alpha=0), measured from an earlier SFT start
+    of 0.39, reached the same reward accuracies but greedy accuracy fell (0.39 -> 0.37 at lr 1e-4; -> 0.17
+    at lr 1e-3): log pi(chosen) drops too.
     """
     dm = datamodule("preference", tokenizer=sft_export)
     kw = dict(init_from=sft_export, beta=0.1, rpo_alpha=1.0, lr=1e-4)
@@ -188,7 +189,7 @@ def test_dpo_learns_from_sft(sft_export, record):
     trainer = fit(m, dm, max_steps=100)
     metrics = trainer.callback_metrics
     record(start=start, end=metrics["val/accuracy"], rewards_accuracies=metrics["val/rewards/accuracies"])
-    assert metrics["val/accuracy"] >= start + 0.06, (start, metrics["val/accuracy"])
+    assert metrics["val/accuracy"] >= start + 0.04, (start, metrics["val/accuracy"])
     assert metrics["val/rewards/accuracies"] >= 0.7
     assert metrics["rewards/accuracies"] >= 0.7
     assert metrics["val/rewards/margins"] > 0.1
