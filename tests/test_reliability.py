@@ -198,6 +198,7 @@ CASES = {
     # name: (algo, args, words the error line must contain); {tmp} is the test's directory
     "misspelled_key": ("sft", ["--model.init_args.lrr", "0.1"], ["lrr", "not accepted"]),
     "misspelled_data_key": ("sft", ["--data.batch_sise", "8"], ["batch_sise"]),
+    "bad_trainer_argument": ("sft", ["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
     "wrong_type": ("sft", ["--model.init_args.lr", "fast"], ['"lr"', "float", "fast"]),
     "invalid_value": ("sft", ["--model.init_args.lr", "-1"], ["model.lr", "must be > 0"]),
     "missing_init_from": ("grpo", ["--model.init_args.init_from", "{tmp}/no_such_dir"], ["model.init_from", "no_such_dir"]),
@@ -270,7 +271,7 @@ def test_debug_env_restores_the_traceback(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- existing run directories
-@pytest.mark.parametrize("existing", ["checkpoints/last.ckpt", "hf/config.json"])
+@pytest.mark.parametrize("existing", ["checkpoints/last.ckpt", "hf/config.json", "config.yaml"])
 def test_existing_run_directory_is_refused(existing, tmp_path, capsys, monkeypatch):
     run = tmp_path / "logs" / "sft" / "version_0"
     (run / existing).parent.mkdir(parents=True)

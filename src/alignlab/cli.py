@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import alignlab
@@ -70,7 +71,7 @@ class AlignCLI(LightningCLI):
             self.model.check_data(self.datamodule)
 
     def refuse_existing_run(self) -> None:
-        """A new run never writes into a run directory that holds checkpoints or an export.
+        """A new run never writes into a run directory that holds checkpoints, an export or a config.yaml.
 
         Only a pinned ``trainer.logger.init_args.version`` (or a ModelCheckpoint ``dirpath``) can point at one:
         by default the logger picks a fresh ``version_N``. Resuming (``--ckpt_path``) continues in place.
@@ -84,7 +85,7 @@ class AlignCLI(LightningCLI):
                 dirs.append(("ModelCheckpoint dirpath", Path(cb.dirpath)))
         for arg, d in dirs:
             found = [p for p in (d / "checkpoints", d / "hf") if p.is_dir() and any(p.iterdir())]
-            found += sorted(d.glob("*.ckpt"))[:1]
+            found += sorted(d.glob("*.ckpt"))[:1] + [p for p in [d / "config.yaml"] if p.is_file()]
             if found:
                 raise FileExistsError(f"{arg}: {d} already holds a run ({found[0]}); not overwriting it: pick "
                                       f"another version, or resume that run with --ckpt_path")
@@ -118,13 +119,14 @@ def raised_by_alignlab(e: BaseException) -> bool:
 
 @contextmanager
 def one_line_errors():
-    """Our own input errors and non-finite stops -> ``error: ...`` on stderr and exit 2 (input) or 1 (stop)."""
+    """Our own input errors, Lightning's configuration errors (bad Trainer arguments) and non-finite stops
+    -> ``error: ...`` on stderr and exit 2 (input) or 1 (stop). Anything else keeps its traceback."""
     try:
         yield
     except Exception as e:
         cause = root_cause(e)
-        if debug() or not (isinstance(cause, NonFiniteError) or
-                           (isinstance(cause, INPUT_ERRORS) and raised_by_alignlab(cause))):
+        ours = isinstance(cause, INPUT_ERRORS) and raised_by_alignlab(cause)
+        if debug() or not (ours or isinstance(cause, (NonFiniteError, MisconfigurationException))):
             raise
         message = re.sub(r"\s*\n\s*", " ", str(cause)).strip()
         sys.stderr.write(f"error: {message}\n")
