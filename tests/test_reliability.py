@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import datamodule, fit, tiny_arch
 
-from alignlab.algorithms import GRPO, SFT
+from alignlab.algorithms import GRPO, PPO, SFT
 from alignlab.algorithms.base import NonFiniteError
 from alignlab.callbacks import HFExport
 from alignlab.cli import cli
@@ -148,10 +148,12 @@ def test_nonfinite_loss_or_gradient_stops_naming_step_and_quantity(poison):
     assert len(snaps.params) == 1 and torch.equal(flat(module), snaps.params[0])  # stopped before the step
 
 
-def test_nonfinite_reward_skips_the_rollout():
+@pytest.mark.parametrize("algo", [GRPO, PPO])
+def test_nonfinite_reward_skips_the_rollout(algo):
     CALLS.update(n=0, nan_at=(2,))
-    module = GRPO(arch=tiny_arch(), num_generations=2, max_new_tokens=6, beta=0.0, lr=1e-2,
-                  reward_funcs=["test_reliability.nan_reward"])
+    kw = dict(beta=0.0) if algo is GRPO else dict(target_kl=1.0, ppo_epochs=1)  # PPO: its adaptive KL too
+    module = algo(arch=tiny_arch(), num_generations=2, max_new_tokens=6, lr=1e-2,
+                  reward_funcs=["test_reliability.nan_reward"], **kw)
     snaps = Snapshots()
     with pytest.warns(UserWarning, match=r"step 1: reward \(nan_reward\) is NaN or Inf: skipped"):
         trainer = fit(module, datamodule("prompt", batch_size=4), max_steps=3, callbacks=[snaps])
@@ -174,21 +176,29 @@ def test_nonfinite_option_is_validated():
         SFT(arch=tiny_arch(), nonfinite="ignore")
 
 
-def test_nonfinite_stop_keeps_last_checkpoint_finite(tmp_path):
-    """Through the CLI: the run stops at step 2 with one line; last.ckpt is step 2's, finite; no export."""
+@pytest.mark.parametrize("on_exception", [False, True])
+def test_nonfinite_stop_keeps_last_checkpoint_finite(on_exception, tmp_path):
+    """Through the CLI: the run stops at step 2 with one line and no export. last.ckpt is step 2's and finite,
+    whether it was saved periodically (every step) or by ModelCheckpoint(save_on_exception=True) as the run
+    stopped: the stop comes before the optimizer step, so not even that checkpoint sees the NaN."""
+    every = 100 if on_exception else 1
     (tmp_path / "ckpt.yaml").write_text(
         "trainer:\n  callbacks:\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        "      init_args: {save_last: true, every_n_train_steps: 1, save_top_k: 0}\n"
+        f"      init_args: {{save_last: true, every_n_train_steps: {every}, save_top_k: 0, "
+        f"save_on_exception: {str(on_exception).lower()}}}\n"
         "    - class_path: alignlab.callbacks.HFExport\n")
     res = run_cli(tmp_path, "grpo", "--config", str(tmp_path / "ckpt.yaml"), "--trainer.max_steps", "5",
                   "--model.init_args.nonfinite", "stop",
                   "--model.init_args.reward_funcs", "[test_reliability.nan_from_third_call]", code=1)
-    assert "error: step 2: reward (nan_from_third_call) is NaN or Inf (model.nonfinite=stop)" in res.stderr
+    line = assert_one_line_error(res)
+    assert line.startswith("error: step 2: reward (nan_from_third_call) is NaN or Inf (model.nonfinite=stop)")
     run = tmp_path / "logs" / "grpo" / "version_0"
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")  # ours, just written
-    assert ckpt["global_step"] == 2
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    ckpts = {p.name: torch.load(p, weights_only=False, map_location="cpu")  # ours, just written
+             for p in (run / "checkpoints").glob("*.ckpt")}
+    assert ckpts["last.ckpt"]["global_step"] == 2 and len(ckpts) == (2 if on_exception else 1)
+    for ckpt in ckpts.values():
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert not (run / "hf").exists()
 
 
