@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import datamodule, fit, tiny_arch
 
+from alignlab import train
 from alignlab.algorithms import GRPO, PPO, SFT
 from alignlab.algorithms.base import NonFiniteError
 from alignlab.callbacks import HFExport
@@ -271,6 +272,13 @@ def test_train_entry_point_bad_input_is_one_line(tmp_path):
     res = run_cli(tmp_path, "grpo", "--model.init_args.init_from", str(tmp_path / "missing"), module="alignlab.train")
     assert_one_line_error(res, "model.init_from", "missing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]
+
+
+def test_train_skips_prerequisites_the_command_line_replaces(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert train.prerequisites("ppo") == ["sft", "rm"]
+    assert train.prerequisites("ppo", ["--model.init_args.init_from=/my/sft"]) == ["rm"]
+    assert train.prerequisites("ppo", ["--model.init_args.reward_model", "/my/rm"]) == ["sft"]
 
 
 def test_debug_env_restores_the_traceback(tmp_path, monkeypatch):
