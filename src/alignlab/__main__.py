@@ -1,4 +1,4 @@
-from alignlab.cli import main
+from alignlab.cli import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

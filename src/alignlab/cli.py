@@ -1,20 +1,94 @@
 """The command line: LightningCLI over every algorithm and the shared DataModule.
 
     python -m alignlab fit --config configs/base.yaml --config configs/algo/sft.yaml [--key value ...]
+
+Bad input is one line on stderr, ``error: <what is wrong, naming the key, file or argument>``, exit code 2,
+and nothing written: config and argument errors come from the parser or from the modules' ``__init__``;
+data, data-vs-model, ``--ckpt_path`` and run-directory checks run in ``before_fit``, before Lightning
+creates the run directory. A run stopped by a NaN (``model.nonfinite=stop``) is one line and exit code 1.
+``ALIGNLAB_DEBUG=1`` restores the full messages and tracebacks.
 """
 
 from __future__ import annotations
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
+import os
+import re
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
 
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import alignlab
+from alignlab.algorithms.base import NonFiniteError
 from alignlab.data.datamodule import AlignDataModule
+
+# Errors our own checks raise (check(), DataError, hf.py, the tokenizer, the checks below).
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
+PACKAGE_DIR = Path(alignlab.__file__).resolve().parent
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # Lightning's special ckpt_path values
+
+
+def debug() -> bool:
+    return os.environ.get("ALIGNLAB_DEBUG", "") not in ("", "0")
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's nested union report -> one line: the class path, the key and the problem."""
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
+             "Expected a <class 'NoneType'>", "Given value type:", "Given value:")
+    lines = [ln.strip().removeprefix("- ") for ln in message.splitlines()]
+    return " ".join(ln for ln in lines if ln and not ln.startswith(noise))
+
+
+class AlignParser(LightningArgumentParser):
+    def error(self, message: str, ex: Exception | None = None):
+        """A parse error (unknown key, wrong type) is one line without the usage text."""
+        if debug() or not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"error: {one_line(message)} (see --help)\n")
+        self.exit(2)
 
 
 class AlignCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         # the tokenizer comes from the same directory as the weights
         parser.link_arguments("model.init_args.init_from", "data.tokenizer", apply_on="parse")
+
+    def before_fit(self) -> None:
+        """Every check that can fail on bad input, before Lightning writes the run directory."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS and "://" not in str(ckpt_path) \
+                and not str(ckpt_path).startswith("registry:") and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path: {ckpt_path}: no such checkpoint file")
+        if ckpt_path is None:
+            self.refuse_existing_run()
+        self.datamodule.setup("fit")  # reads and checks every row; the trainer's own call reuses them
+        if hasattr(self.model, "check_data"):
+            self.model.check_data(self.datamodule)
+
+    def refuse_existing_run(self) -> None:
+        """A new run never writes into a run directory that holds checkpoints, an export or a config.yaml.
+
+        Only a pinned ``trainer.logger.init_args.version`` (or a ModelCheckpoint ``dirpath``) can point at one:
+        by default the logger picks a fresh ``version_N``. Resuming (``--ckpt_path``) continues in place.
+        """
+        dirs = []
+        logger = self.trainer.logger
+        if logger is not None and getattr(logger, "_version", None) is not None:  # pinned by the user
+            dirs.append(("trainer.logger.init_args.version", Path(logger.log_dir)))
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None):
+                dirs.append(("ModelCheckpoint dirpath", Path(cb.dirpath)))
+        for arg, d in dirs:
+            found = [p for p in (d / "checkpoints", d / "hf") if p.is_dir() and any(p.iterdir())]
+            found += sorted(d.glob("*.ckpt"))[:1] + [p for p in [d / "config.yaml"] if p.is_file()]
+            if found:
+                raise FileExistsError(f"{arg}: {d} already holds a run ({found[0]}); not overwriting it: pick "
+                                      f"another version, or resume that run with --ckpt_path")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
@@ -24,7 +98,42 @@ def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": False},
         parser_kwargs={"allow_abbrev": False},
+        parser_class=AlignParser,
         args=args,
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost ``raise ... from`` cause: jsonargparse wraps errors raised while instantiating classes."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def raised_by_alignlab(e: BaseException) -> bool:
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
+@contextmanager
+def one_line_errors():
+    """Our own input errors, Lightning's configuration errors (bad Trainer arguments) and non-finite stops
+    -> ``error: ...`` on stderr and exit 2 (input) or 1 (stop). Anything else keeps its traceback."""
+    try:
+        yield
+    except Exception as e:
+        cause = root_cause(e)
+        ours = isinstance(cause, INPUT_ERRORS) and raised_by_alignlab(cause)
+        if debug() or not (ours or isinstance(cause, (NonFiniteError, MisconfigurationException))):
+            raise
+        message = re.sub(r"\s*\n\s*", " ", str(cause)).strip()
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(1 if isinstance(cause, NonFiniteError) else 2) from None
+
+
+def cli(args: list[str] | None = None) -> None:
+    """``python -m alignlab``."""
+    with one_line_errors():
+        main(args)

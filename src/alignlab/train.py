@@ -3,7 +3,9 @@
 Runs ``fit`` with ``configs/base.yaml`` + ``configs/algo/ALGO.yaml`` and the extra arguments, after first
 running every earlier stage whose export is missing. A stage's prerequisites are read from its config:
 each ``logs/<stage>/latest`` path it mentions (``init_from: logs/sft/latest/hf``) names a stage that must
-have finished. Prerequisites run with their own default configs.
+have finished, unless the command line sets that key itself (``--model.init_args.init_from my/hf``).
+Prerequisites run with their own default configs. The child's bad-input errors are its one line and exit
+code; this process adds no traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 CONFIGS = Path("configs")
 
@@ -24,10 +28,25 @@ def algo_config(algo: str) -> Path:
     return path
 
 
-def prerequisites(algo: str) -> list[str]:
-    """Stages named by ``logs/<stage>/latest`` in the algorithm's config, in order of appearance."""
-    text = algo_config(algo).read_text()
-    return list(dict.fromkeys(s for s in re.findall(r"logs/(\w+)/latest", text) if s != algo))
+def config_values(node, key: str = ""):
+    """(dotted key, leaf value) pairs of a parsed YAML config; list items carry the list's key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from config_values(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for v in node:
+            yield from config_values(v, key)
+    else:
+        yield key, node
+
+
+def prerequisites(algo: str, extra: list[str] = ()) -> list[str]:
+    """Stages named by ``logs/<stage>/latest`` in the algorithm's config, in order of appearance, except
+    where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from X`` or ``...=X``."""
+    overridden = {a[2:].split("=", 1)[0].removesuffix("+") for a in extra if a.startswith("--")}
+    stages = [s for key, value in config_values(yaml.safe_load(algo_config(algo).read_text()))
+              if key not in overridden for s in re.findall(r"logs/(\w+)/latest", str(value))]
+    return list(dict.fromkeys(s for s in stages if s != algo))
 
 
 def exported(stage: str) -> bool:
@@ -59,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: python -m alignlab.train ALGO [--key value ...]")
     algo, extra = argv[0], argv[1:]
-    for dep in prerequisites(algo):
+    for dep in prerequisites(algo, extra):
         ensure(dep, (algo,))
     fit(algo, extra)
 

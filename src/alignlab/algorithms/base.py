@@ -4,6 +4,15 @@ The policy (a hand-written ``Transformer``, fresh or loaded from an HF export), 
 reference copy, the tokenizer, per-token log-probs of completions, AdamW with warm-up, validation by
 greedy generation (``val/accuracy`` and a text table of samples), and the HF export at the end of
 training. Subclasses add a ``training_step``; their ``__init__`` arguments are their config.
+
+Non-finite values (``nonfinite``): before every optimizer step -- automatic (SFT, DPO, RM) or manual (the
+on-policy loop) optimisation alike -- ``on_before_optimizer_step`` checks that the loss of the backward and
+the total gradient norm are finite (the on-policy loop also checks the rewards before it updates). If not,
+"skip" drops the step (all gradients set to None: AdamW then leaves weights and moments untouched), warns
+naming the step and the quantity and counts ``train/skipped_steps``; "stop" raises ``NonFiniteError``
+before the step, so the weights -- and any checkpoint saved later -- never see the NaN. Under DDP the
+decision is all-reduced, so every rank skips or stops together. With fp16's GradScaler, inf gradients are
+the scaler's business (it skips those steps itself) and are not checked here.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from alignlab.data.tokenizer import load_tokenizer
@@ -23,6 +33,10 @@ from alignlab.losses.lm import entropy_from_logits, selective_log_softmax
 from alignlab.model.generate import GenerationOutput, generate
 from alignlab.model.transformer import Transformer, TransformerConfig
 from alignlab.rewards.rules import accuracy_reward
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf loss, reward or gradient with ``nonfinite="stop"`` (or too many consecutive skipped steps)."""
 
 
 def check(condition: bool, name: str, message: str) -> None:
@@ -47,6 +61,8 @@ class PolicyModule(L.LightningModule):
         val_max_new_tokens: int = 24,
         num_logged_samples: int = 8,
         sampling_seed: int = 0,
+        nonfinite: Literal["skip", "stop"] = "skip",
+        nonfinite_patience: int = 10,
     ):
         """
         Args:
@@ -60,6 +76,9 @@ class PolicyModule(L.LightningModule):
             val_max_new_tokens: tokens generated per validation prompt.
             num_logged_samples: validation samples written to TensorBoard as text.
             sampling_seed: seed of the generator that drives sampling (rollouts).
+            nonfinite: a NaN/Inf loss, reward or gradient norm skips the optimizer step with a warning ("skip"),
+                or stops the run with an error naming the step and the quantity ("stop").
+            nonfinite_patience: with "skip", stop anyway after this many consecutive skipped steps.
         """
         super().__init__()
         check(lr > 0, "lr", f"must be > 0, got {lr}")
@@ -67,6 +86,10 @@ class PolicyModule(L.LightningModule):
         check(warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {warmup_steps}")
         check(max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {max_grad_norm}")
         check(val_max_new_tokens >= 1, "val_max_new_tokens", f"must be >= 1, got {val_max_new_tokens}")
+        check(init_from is None or Path(init_from).is_dir(), "init_from",
+              f"{init_from}: no such directory (an alignlab export or a local HF checkpoint)")
+        check(nonfinite in ("skip", "stop"), "nonfinite", f"must be skip|stop, got {nonfinite!r}")
+        check(nonfinite_patience >= 1, "nonfinite_patience", f"must be >= 1, got {nonfinite_patience}")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(init_from)
         if init_from is not None:
@@ -80,6 +103,9 @@ class PolicyModule(L.LightningModule):
         self.val_accuracy = MeanMetric()
         self._val_samples: list[tuple[str, str, str, float]] = []
         self.generator = torch.Generator().manual_seed(sampling_seed)
+        self.skipped_steps = 0  # optimizer steps (or rollouts) dropped for non-finite values
+        self._consecutive_skips = 0
+        self._loss_finite: torch.Tensor | None = None  # of the last backward, checked before the step
 
     # ------------------------------------------------------------------------------ models
     @staticmethod
@@ -205,14 +231,82 @@ class PolicyModule(L.LightningModule):
         if self.hparams.max_grad_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
 
+    # ------------------------------------------------------------------- non-finite values
+    def nonfinite_step(self, what: str, bad: bool | torch.Tensor) -> bool:
+        """Is ``what`` (e.g. "loss") non-finite on any rank? "skip": warn, count and return True; "stop": raise."""
+        bad = bool(bad)
+        if self._trainer is not None and self.trainer.world_size > 1:  # the same decision on every rank
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return False
+        step, h = self.global_step, self.hparams
+        if h.nonfinite == "stop":
+            raise NonFiniteError(f"step {step}: {what} is NaN or Inf (model.nonfinite=stop); "
+                                 f"stopped before the optimizer step, checkpoints hold earlier weights")
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= h.nonfinite_patience:
+            raise NonFiniteError(f"step {step}: {what} is NaN or Inf, {self._consecutive_skips} steps in a row "
+                                 f"(model.nonfinite_patience={h.nonfinite_patience}); stopping")
+        rank_zero_warn(f"step {step}: {what} is NaN or Inf: skipped this optimizer step "
+                       f"({self.skipped_steps} skipped so far; model.nonfinite=skip)")
+        return True
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._loss_finite = torch.isfinite(loss.detach()).all()  # read before the step (no sync here)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip (all grads -> None) or stop when the loss or the total gradient norm is not finite."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16: the GradScaler skips overflowing steps itself
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        self._loss_finite = None
+        grad_ok = torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(True)
+        what = "loss" if not loss_ok else "gradient norm"
+        if self.nonfinite_step(what, not (loss_ok and grad_ok)):
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
+        else:
+            self._consecutive_skips = 0
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
+
     # ----------------------------------------------------------------------------- export
     def export(self, path: str | Path) -> None:
         """HF-format policy + tokenizer: what the next stage (or transformers) loads."""
         self.policy.to_hf(path, tokenizer=self.tokenizer)
 
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+    # ------------------------------------------------------------------------ data checks
+    def generation_budget(self) -> tuple[int, str]:
+        """The most tokens generated after a prompt, and the arguments that set it (validation's here)."""
+        return self.hparams.val_max_new_tokens, "model.val_max_new_tokens"
+
+    def check_kind(self, dm) -> None:
         kind = getattr(getattr(dm, "hparams", None), "kind", None)
         if kind is not None and kind != self.data_kind:
             raise ValueError(f"data.kind is {kind!r} but {type(self).__name__} trains on {self.data_kind!r} rows; "
                              f"set data.kind: {self.data_kind}")
+
+    def check_data(self, dm) -> None:
+        """The DataModule's rows fit this module: their kind, and every sequence within the model's context.
+
+        Called from ``setup`` and, by the CLI, before the run directory is written.
+        """
+        self.check_kind(dm)
+        rows = (getattr(dm, "train_rows", None) or []) + (getattr(dm, "val_rows", None) or [])
+        if not rows:
+            return
+        context = next(m for m in self.modules() if isinstance(m, Transformer)).config.max_seq_len
+        longest = max(len(r["prompt_ids"]) + max((len(r[k]) for k in r if k.endswith("_ids") and k != "prompt_ids"),
+                                                 default=0) for r in rows)
+        if longest > context:
+            raise ValueError(f"data: a prompt + completion of {longest} tokens exceeds the model's context "
+                             f"max_seq_len={context} (model.arch.max_seq_len, or init_from's max_position_embeddings);"
+                             f" lower data.max_prompt_length / data.max_completion_length")
+        prompt, (new, args) = max(len(r["prompt_ids"]) for r in rows), self.generation_budget()
+        if prompt + new > context:
+            raise ValueError(f"data: the longest prompt ({prompt} tokens) + {new} generated tokens = {prompt + new} "
+                             f"exceeds the model's context max_seq_len={context} (model.arch.max_seq_len, or "
+                             f"init_from's max_position_embeddings); lower data.max_prompt_length or {args}")
+
+    def setup(self, stage: str) -> None:
+        self.check_data(getattr(self.trainer, "datamodule", None))

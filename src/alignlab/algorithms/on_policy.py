@@ -174,6 +174,7 @@ class OnPolicyModule(PolicyModule):
         self.reward_fns = [resolve_callable(p, "reward_funcs") for p in reward_funcs]
         self.reward_weights = [float(w) for w in reward_weights]
         self.automatic_optimization = False
+        self.rollout_skipped = False  # was the last rollout dropped for non-finite rewards?
 
     # --------------------------------------------------------------------------- helpers
     @property
@@ -189,6 +190,19 @@ class OnPolicyModule(PolicyModule):
 
     def optimizer_steps_per_batch(self) -> int:
         return self.hparams.num_iterations * self.hparams.minibatches
+
+    def generation_budget(self) -> tuple[int, str]:
+        h = self.hparams
+        return max(h.max_new_tokens, h.val_max_new_tokens), "model.max_new_tokens / model.val_max_new_tokens"
+
+    def check_data(self, dm) -> None:
+        """As PolicyModule's, plus: the minibatches split each rollout (batch_size x G completions) evenly."""
+        super().check_data(dm)
+        batch_size = getattr(getattr(dm, "hparams", None), "batch_size", None)
+        if batch_size is not None:
+            n, mb = batch_size * self.hparams.num_generations, self.hparams.minibatches
+            check(n % mb == 0, "minibatches", f"{mb} does not divide the {n} completions of a rollout "
+                  f"(data.batch_size={batch_size} x model.num_generations={self.hparams.num_generations})")
 
     def reward_name(self, i: int) -> str:
         return getattr(self.reward_fns[i], "__name__", self.reward_paths[i].rsplit(".", 1)[-1])
@@ -307,8 +321,16 @@ class OnPolicyModule(PolicyModule):
         return {k: v / steps for k, v in sums.items()}
 
     # ----------------------------------------------------------------------- the step
+    def nonfinite_rewards(self, r: Rollout) -> tuple[str, torch.Tensor]:
+        """("reward (<functions>)", is any reward NaN/Inf?): checked before any update on the rollout."""
+        names = [n for n, v in r.rewards_per_func.items() if not torch.isfinite(v).all()]
+        return f"reward ({', '.join(names) or 'total'})", ~torch.isfinite(r.rewards).all()
+
     def training_step(self, batch, batch_idx):
         r = self.make_rollout(batch)
+        self.rollout_skipped = self.nonfinite_step(*self.nonfinite_rewards(r))
+        if self.rollout_skipped:  # no update on this rollout: the weights never see the NaN
+            return
         adv_metrics = self.compute_advantages(r)
         self.prepare(r)
         self.policy.train()

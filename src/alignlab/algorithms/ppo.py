@@ -335,7 +335,7 @@ class PPO(OnPolicyModule):
     # ------------------------------------------------------------- 6. adaptive KL controller
     def training_step(self, batch, batch_idx):
         super().training_step(batch, batch_idx)
-        if self.hparams.target_kl is not None:
+        if self.hparams.target_kl is not None and not self.rollout_skipped:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, self._rollout_kl, self.hparams.target_kl,
                                             self._rollout_n, self.hparams.kl_horizon)
 

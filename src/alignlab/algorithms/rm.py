@@ -99,6 +99,9 @@ class RewardModel(PolicyModule):
         self.log_text("val/samples", ["prompt", "chosen", "rejected", "r_chosen", "r_rejected"], self._val_samples)
         self._val_samples = []
 
+    def generation_budget(self) -> tuple[int, str]:
+        return 0, ""  # a reward model never generates
+
     # ------------------------------------------------------------------ optimizer, export
     def trainable_parameters(self):
         return self.model.parameters()

@@ -185,6 +185,7 @@ class Seq2Seq(L.LightningModule):
 
     log_text = PolicyModule.log_text  # the same markdown table in TensorBoard's Text tab
     setup = PolicyModule.setup  # the same data.kind check: seq2seq trains on sft rows
+    check_data = PolicyModule.check_kind
 
     # ---------------------------------------------------------------------------- optimizer
     def lr_lambda(self, step: int) -> float:
