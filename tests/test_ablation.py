@@ -27,7 +27,8 @@ def test_variants_add_one_technique_each_from_grpo_to_dapo():
 
 
 # ------------------------------------------------------------------------------------ summarize
-def write_run(path: Path, val: dict[int, float], lengths: list[float], entropy: list[float], t0: float, t1: float):
+def write_run(path: Path, val: dict[int, float], lengths: list[float], entropy: list[float], t0: float,
+              t1: float):
     """One synthetic run: val/accuracy at the given steps, one length/entropy point per step from 0."""
     w = SummaryWriter(str(path))
     for step, (n, h) in enumerate(zip(lengths, entropy)):
@@ -113,6 +114,7 @@ def test_dry_run_trains_every_variant_from_one_sft_export(tmp_path, monkeypatch)
     rows = [line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == [ablation.LABELS[n] for n in names]
     # a second run keeps the finished runs, and a different budget is refused
-    ablation.main(["run", "--dry-run", "--seeds", "0", "--logs", str(logs), "--out", str(out), "--only", "1-grpo"])
+    ablation.main(["run", "--dry-run", "--seeds", "0", "--logs", str(logs), "--out", str(out),
+                   "--only", "1-grpo"])
     with pytest.raises(SystemExit, match="ran max_steps=4, this ablation wants 12"):
         ablation.run(logs, [0], 3, 1, False, ["1-grpo"])

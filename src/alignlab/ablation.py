@@ -1,6 +1,6 @@
 """The DAPO ablation in miniature (Yu et al. 2025, Table 1): GRPO, then each DAPO technique added in turn.
 
-    python -m alignlab.ablation run [--seeds 0 1 2] [--steps 100] [--dry-run]   (= make ablation)
+    python -m alignlab.ablation run [--seeds 0 1 2] [--steps 100] [--dry-run]   (= make ablation [DRY=1])
     python -m alignlab.ablation summarize [--logs logs/ablation] [--out results]
 
 ``run`` trains the ablation's SFT start once (configs/ablation/sft.yaml -> logs/ablation/sft/latest/hf),
@@ -93,7 +93,8 @@ def ensure_sft(logs: Path, dry_run: bool) -> Path:
     """The ablation's SFT export (trained once, shared by every variant and seed)."""
     export = logs / "sft" / "latest" / "hf"
     if not (export / "config.json").is_file():
-        print(f"[ablation] {export} is missing: training the SFT start (configs/ablation/sft.yaml)", flush=True)
+        print(f"[ablation] {export} is missing: training the SFT start (configs/ablation/sft.yaml)",
+              flush=True)
         fit(["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "algo" / "sft.yaml"),
              "--config", str(CONFIGS / "ablation" / "sft.yaml"), "--trainer.logger.init_args.save_dir",
              str(logs.parent), "--trainer.logger.init_args.name", f"{logs.name}/sft",
@@ -102,7 +103,7 @@ def ensure_sft(logs: Path, dry_run: bool) -> Path:
 
 
 def max_steps(steps: int, dry_run: bool) -> int:
-    """trainer.max_steps counts optimizer steps: ``minibatches`` per rollout batch (configs/ablation/rl.yaml)."""
+    """trainer.max_steps counts optimizer steps: ``minibatches`` (ablation/rl.yaml) per rollout batch."""
     rl = yaml.safe_load((CONFIGS / "ablation" / "rl.yaml").read_text())
     return steps * (2 if dry_run else rl["model"]["init_args"]["minibatches"])
 
@@ -114,7 +115,8 @@ def run_args(logs: Path, variant: str, seed: int, steps: int, val_every: int, ex
             "--config", str(CONFIGS / "ablation" / "rl.yaml"),
             "--seed_everything", str(seed), "--model.init_args.sampling_seed", str(seed),
             "--model.init_args.init_from", str(export),
-            "--trainer.max_steps", str(max_steps(steps, dry_run)), "--trainer.val_check_interval", str(val_every),
+            "--trainer.max_steps", str(max_steps(steps, dry_run)),
+            "--trainer.val_check_interval", str(val_every),
             "--trainer.logger.init_args.save_dir", str(logs.parent),
             "--trainer.logger.init_args.name", f"{logs.name}/{variant}",
             "--trainer.logger.init_args.version", f"seed{seed}"]
@@ -123,7 +125,8 @@ def run_args(logs: Path, variant: str, seed: int, steps: int, val_every: int, ex
     return args + (DRY_RL if dry_run else [])
 
 
-def run(logs: Path, seeds: list[int], steps: int, val_every: int, dry_run: bool, only: list[str] | None) -> None:
+def run(logs: Path, seeds: list[int], steps: int, val_every: int, dry_run: bool,
+        only: list[str] | None = None) -> None:
     """Every variant x seed (finished runs with the same budget are kept: rerunning resumes the ablation)."""
     if dry_run:
         steps, val_every = 2, 2
@@ -205,7 +208,8 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def table(results: dict[str, list[Run]]) -> str:
     """The markdown table: one row per variant, final validation accuracy as mean +- std over seeds."""
-    rows = ["| variant | seeds | steps | final val accuracy | completion length | entropy | wall time / run |",
+    rows = ["| variant | seeds | steps | final val accuracy | completion length | entropy "
+            "| wall time / run |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         acc = mean_std([r.val[max(r.val)] for r in runs])
@@ -275,9 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     p_run.add_argument("--dry-run", action="store_true", help="every stage for 2 steps on tiny batches")
     p_sum = sub.add_parser("summarize", help="read the event files: results/ablation.md and .png")
     for p in (p_run, p_sum):
-        p.add_argument("--logs", type=Path, default=Path("logs/ablation"), help="the ablation's log root")
-        p.add_argument("--out", type=Path, default=Path("results"), help="where ablation.md/.png go")
+        p.add_argument("--logs", type=Path, help="log root (logs/ablation; dry run: logs/ablation-dry)")
+        p.add_argument("--out", type=Path, help="where ablation.md/.png go (results; dry run: the log root)")
     a = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    dry = getattr(a, "dry_run", False)  # a dry run never touches the real runs or results/
+    a.logs = a.logs or Path("logs/ablation-dry" if dry else "logs/ablation")
+    a.out = a.out or (a.logs if dry else Path("results"))
     if a.command == "run":
         if a.steps < 1 or a.val_every < 1:
             parser.error("--steps and --val-every must be >= 1")
