@@ -33,6 +33,7 @@ def write_run(path: Path, val: dict[int, float], lengths: list[float], entropy: 
     w = SummaryWriter(str(path))
     for step, (n, h) in enumerate(zip(lengths, entropy)):
         w.add_scalar("completions/mean_length", n, step, walltime=t0 + step)
+        w.add_scalar("completions/clipped_ratio", 0.1 if n >= 8 else 0.0, step, walltime=t0 + step)
         w.add_scalar("train/entropy", h, step, walltime=t0 + step)
     for step, acc in val.items():
         w.add_scalar("val/accuracy", acc, step, walltime=t1 if step == max(val) else t0 + step)
@@ -57,6 +58,7 @@ def test_load_run_reads_the_event_files(synthetic):
     assert run.steps == 8
     assert run.wall_time == pytest.approx(60.0)
     assert run.length == pytest.approx(7.5)  # the last quarter: steps 6 and 7 -> (7 + 8) / 2
+    assert run.truncated == pytest.approx(0.05)  # lengths 7, 8 -> truncated 0.0, 0.1
     assert run.entropy == pytest.approx(2.0)
 
 
@@ -64,13 +66,14 @@ def test_summary_table_has_means_and_sample_std_over_seeds(synthetic, tmp_path):
     text = ablation.summarize(synthetic, tmp_path / "results")
     assert (tmp_path / "results" / "ablation.md").read_text() == text
     rows = [line for line in text.splitlines() if line.startswith("|")]
-    assert rows[0] == ("| variant | seeds | steps | final val accuracy | completion length | entropy "
-                       "| wall time / run |")
+    assert rows[0] == ("| variant | seeds | steps | final val accuracy | completion length | truncated "
+                       "| entropy | wall time / run |")
     assert len(rows) == 4  # header, separator, one row per variant (not the sft directory)
     # GRPO: final accuracies 0.5, 0.7 -> mean 0.6, sample std 0.1414; lengths 7.5, 8.5 -> 8.0; entropy 1.5
-    assert rows[2] == "| GRPO | 2 | 8 | 0.600 ± 0.141 | 8.0 | 1.500 | 50 s |"
+    # truncated: (0.05 + 0.1) / 2
+    assert rows[2] == "| GRPO | 2 | 8 | 0.600 ± 0.141 | 8.0 | 7.5% | 1.500 | 50 s |"
     # DAPO: 0.6, 0.7, 0.8 -> 0.7 +- 0.1
-    assert rows[3] == "| + dynamic sampling (= DAPO) | 3 | 8 | 0.700 ± 0.100 | 10.0 | 0.500 | 30 s |"
+    assert rows[3] == "| + dynamic sampling (= DAPO) | 3 | 8 | 0.700 ± 0.100 | 10.0 | 10.0% | 0.500 | 30 s |"
 
 
 def test_mean_std_is_the_sample_std():

@@ -162,6 +162,7 @@ class Run:
     steps: int  # rollout batches trained
     wall_time: float  # seconds from the first to the last event
     length: float  # completions/mean_length, mean over the last quarter of training
+    truncated: float  # completions/clipped_ratio (no EOS within L_max), mean over the last quarter
     entropy: float  # train/entropy, mean over the last quarter of training
 
 
@@ -186,7 +187,8 @@ def load_run(run_dir: Path) -> Run:
     return Run(val={e.step + 1: e.value for e in get("val/accuracy")},
                steps=max(e.step for evs in scalars.values() for e in evs) + 1,
                wall_time=max(walls) - min(walls),
-               length=tail_mean(get("completions/mean_length")), entropy=tail_mean(get("train/entropy")))
+               length=tail_mean(get("completions/mean_length")),
+               truncated=tail_mean(get("completions/clipped_ratio")), entropy=tail_mean(get("train/entropy")))
 
 
 def load(logs: Path) -> dict[str, list[Run]]:
@@ -208,20 +210,21 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def table(results: dict[str, list[Run]]) -> str:
     """The markdown table: one row per variant, final validation accuracy as mean +- std over seeds."""
-    rows = ["| variant | seeds | steps | final val accuracy | completion length | entropy "
+    rows = ["| variant | seeds | steps | final val accuracy | completion length | truncated | entropy "
             "| wall time / run |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         acc = mean_std([r.val[max(r.val)] for r in runs])
         steps = sorted({r.steps for r in runs})
         rows.append(f"| {LABELS.get(name, name)} | {len(runs)} | {'/'.join(map(str, steps))} "
                     f"| {acc[0]:.3f} ± {acc[1]:.3f} | {statistics.fmean(r.length for r in runs):.1f} "
+                    f"| {statistics.fmean(r.truncated for r in runs):.1%} "
                     f"| {statistics.fmean(r.entropy for r in runs):.3f} "
                     f"| {statistics.fmean(r.wall_time for r in runs):.0f} s |")
     return "\n".join(rows) + "\n"
 
 
-def plot(results: dict[str, list[Run]], path: Path) -> bool:
+def plot(results: dict[str, list[Run]], path: Path, sft: float | None = None) -> bool:
     """Validation accuracy against step, mean over seeds with a +-1 std band; False without matplotlib."""
     try:
         import matplotlib
@@ -238,6 +241,8 @@ def plot(results: dict[str, list[Run]], path: Path) -> bool:
         line, = ax.plot(steps, mean, marker=".", label=LABELS.get(name, name))
         ax.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
                         alpha=0.15, linewidth=0)
+    if sft is not None:
+        ax.axhline(sft, color="gray", linestyle="--", linewidth=1, label="SFT start")
     n = sorted({len(runs) for runs in results.values()})
     ax.set(xlabel="training step (rollout batches)", ylabel="validation accuracy (greedy)",
            title=f"DAPO ablation: mean ± std over {'/'.join(map(str, n))} seeds")
@@ -250,17 +255,28 @@ def plot(results: dict[str, list[Run]], path: Path) -> bool:
     return True
 
 
+def sft_accuracy(logs: Path) -> float | None:
+    """The last validation accuracy of the shared SFT start, if its event files are there."""
+    run = logs / "sft" / "latest"
+    if not any(run.glob("events.out.tfevents.*")):
+        return None
+    val = load_run(run).val
+    return val[max(val)]
+
+
 def summarize(logs: Path, out: Path) -> str:
-    results = load(logs)
-    text = (f"# DAPO ablation ({logs})\n\nCumulative: each row adds one technique to the row above. Final "
-            "validation accuracy: greedy, at the last validation, mean ± sample std over seeds. Completion "
-            "length (tokens, EOS included) and entropy: training rollouts, mean over the last quarter of "
-            "training and over seeds.\n\n" + table(results))
+    results, sft = load(logs), sft_accuracy(logs)
+    start = "" if sft is None else f"Every variant starts from the same SFT export, validation accuracy {sft:.3f}.\n\n"
+    text = (f"# DAPO ablation ({logs})\n\n{start}Cumulative: each row adds one technique to the "
+            "row above. Final validation accuracy: greedy, at the last validation, mean ± sample std over "
+            "seeds. Wall time: first to last logged event of a run. Completion length (tokens, EOS "
+            "included), truncated share (no EOS within L_max) and entropy: "
+            "training rollouts, mean over the last quarter of training and over seeds.\n\n" + table(results))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text)
     print(text, end="")
     print(f"[ablation] wrote {out / 'ablation.md'}")
-    if plot(results, out / "ablation.png"):
+    if plot(results, out / "ablation.png", sft):
         print(f"[ablation] wrote {out / 'ablation.png'}")
     else:
         print("[ablation] plot skipped: matplotlib is not installed (pip install -e '.[plot]')")
