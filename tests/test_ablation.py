@@ -119,5 +119,5 @@ def test_dry_run_trains_every_variant_from_one_sft_export(tmp_path, monkeypatch)
     # a second run keeps the finished runs, and a different budget is refused
     ablation.main(["run", "--dry-run", "--seeds", "0", "--logs", str(logs), "--out", str(out),
                    "--only", "1-grpo"])
-    with pytest.raises(SystemExit, match="ran max_steps=4, this ablation wants 12"):
-        ablation.run(logs, [0], 3, 1, False, ["1-grpo"])
+    with pytest.raises(SystemExit, match="ran max_steps=4, this ablation wants 10"):
+        ablation.run(logs, [0], 5, 1, False, ["1-grpo"])  # 5 rollouts x 2 minibatches
