@@ -28,11 +28,14 @@ def test_variants_add_one_technique_each_from_grpo_to_dapo():
 
 # ------------------------------------------------------------------------------------ summarize
 def write_run(path: Path, val: dict[int, float], lengths: list[float], entropy: list[float], t0: float,
-              t1: float):
+              t1: float, gen_rounds: float | None = None):
     """One synthetic run: val/accuracy at the given steps, one length/entropy point per step from 0."""
     w = SummaryWriter(str(path))
     for step, (n, h) in enumerate(zip(lengths, entropy)):
         w.add_scalar("completions/mean_length", n, step, walltime=t0 + step)
+        w.add_scalar("train/clip_ratio/high", 0.001 * (step % 2), step, walltime=t0 + step)  # mean 0.05%
+        if gen_rounds is not None:
+            w.add_scalar("train/gen_rounds", gen_rounds + (step % 2 - 0.5), step, walltime=t0 + step)
         w.add_scalar("completions/clipped_ratio", 0.1 if n >= 8 else 0.0, step, walltime=t0 + step)
         w.add_scalar("train/entropy", h, step, walltime=t0 + step)
     for step, acc in val.items():
@@ -47,7 +50,8 @@ def synthetic(tmp_path):
     write_run(logs / "1-grpo" / "seed0", {3: 0.40, 7: 0.50}, [1, 2, 3, 4, 5, 6, 7, 8], [2.0] * 8, 100, 160)
     write_run(logs / "1-grpo" / "seed1", {3: 0.60, 7: 0.70}, [2, 3, 4, 5, 6, 7, 8, 9], [1.0] * 8, 100, 140)
     for seed, final in enumerate([0.6, 0.7, 0.8]):
-        write_run(logs / "6-dynamic_sampling" / f"seed{seed}", {3: 0.5, 7: final}, [10] * 8, [0.5] * 8, 0, 30)
+        write_run(logs / "6-dynamic_sampling" / f"seed{seed}", {3: 0.5, 7: final}, [10] * 8, [0.5] * 8, 0, 30,
+                  gen_rounds=2.0 + seed)  # mean 3.0 over seeds
     (logs / "sft" / "version_0").mkdir(parents=True)  # the SFT start is not a variant
     return logs
 
@@ -60,6 +64,7 @@ def test_load_run_reads_the_event_files(synthetic):
     assert run.length == pytest.approx(7.5)  # the last quarter: steps 6 and 7 -> (7 + 8) / 2
     assert run.truncated == pytest.approx(0.05)  # lengths 7, 8 -> truncated 0.0, 0.1
     assert run.entropy == pytest.approx(2.0)
+    assert run.clip_high == pytest.approx(0.0005) and run.gen_rounds == 1.0  # no dynamic sampling: 1 round
 
 
 def test_summary_table_has_means_and_sample_std_over_seeds(synthetic, tmp_path):
@@ -67,13 +72,14 @@ def test_summary_table_has_means_and_sample_std_over_seeds(synthetic, tmp_path):
     assert (tmp_path / "results" / "ablation.md").read_text() == text
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert rows[0] == ("| variant | seeds | steps | final val accuracy | completion length | truncated "
-                       "| entropy | wall time / run |")
+                       "| entropy | upper-clipped tokens | generation rounds / step | wall time / run |")
     assert len(rows) == 4  # header, separator, one row per variant (not the sft directory)
     # GRPO: final accuracies 0.5, 0.7 -> mean 0.6, sample std 0.1414; lengths 7.5, 8.5 -> 8.0; entropy 1.5
     # truncated: (0.05 + 0.1) / 2
-    assert rows[2] == "| GRPO | 2 | 8 | 0.600 ± 0.141 | 8.0 | 7.5% | 1.500 | 50 s |"
+    assert rows[2] == "| GRPO | 2 | 8 | 0.600 ± 0.141 | 8.0 | 7.5% | 1.500 | 0.0500% | 1.00 | 50 s |"
     # DAPO: 0.6, 0.7, 0.8 -> 0.7 +- 0.1
-    assert rows[3] == "| + dynamic sampling (= DAPO) | 3 | 8 | 0.700 ± 0.100 | 10.0 | 10.0% | 0.500 | 30 s |"
+    assert rows[3] == ("| + dynamic sampling (= DAPO) | 3 | 8 | 0.700 ± 0.100 | 10.0 | 10.0% | 0.500 "
+                       "| 0.0500% | 3.00 | 30 s |")
 
 
 def test_mean_std_is_the_sample_std():

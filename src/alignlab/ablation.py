@@ -164,9 +164,12 @@ class Run:
     length: float  # completions/mean_length, mean over the last quarter of training
     truncated: float  # completions/clipped_ratio (no EOS within L_max), mean over the last quarter
     entropy: float  # train/entropy, mean over the last quarter of training
+    clip_high: float  # train/clip_ratio/high: share of tokens held by the upper clip, mean over training
+    gen_rounds: float  # train/gen_rounds (dynamic sampling; 1 without), mean over training
 
 
 def tail_mean(events, frac: float = 0.25) -> float:
+    """The mean of the last ``frac`` of a scalar's values (nan if it was never logged)."""
     values = [e.value for e in events]
     k = max(1, round(len(values) * frac))
     return statistics.fmean(values[-k:]) if values else float("nan")
@@ -188,7 +191,9 @@ def load_run(run_dir: Path) -> Run:
                steps=max(e.step for evs in scalars.values() for e in evs) + 1,
                wall_time=max(walls) - min(walls),
                length=tail_mean(get("completions/mean_length")),
-               truncated=tail_mean(get("completions/clipped_ratio")), entropy=tail_mean(get("train/entropy")))
+               truncated=tail_mean(get("completions/clipped_ratio")), entropy=tail_mean(get("train/entropy")),
+               clip_high=tail_mean(get("train/clip_ratio/high"), 1.0),
+               gen_rounds=tail_mean(get("train/gen_rounds"), 1.0) if "train/gen_rounds" in tags else 1.0)
 
 
 def load(logs: Path) -> dict[str, list[Run]]:
@@ -211,8 +216,8 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def table(results: dict[str, list[Run]]) -> str:
     """The markdown table: one row per variant, final validation accuracy as mean +- std over seeds."""
     rows = ["| variant | seeds | steps | final val accuracy | completion length | truncated | entropy "
-            "| wall time / run |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| upper-clipped tokens | generation rounds / step | wall time / run |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         acc = mean_std([r.val[max(r.val)] for r in runs])
         steps = sorted({r.steps for r in runs})
@@ -220,6 +225,8 @@ def table(results: dict[str, list[Run]]) -> str:
                     f"| {acc[0]:.3f} ± {acc[1]:.3f} | {statistics.fmean(r.length for r in runs):.1f} "
                     f"| {statistics.fmean(r.truncated for r in runs):.1%} "
                     f"| {statistics.fmean(r.entropy for r in runs):.3f} "
+                    f"| {statistics.fmean(r.clip_high for r in runs):.4%} "
+                    f"| {statistics.fmean(r.gen_rounds for r in runs):.2f} "
                     f"| {statistics.fmean(r.wall_time for r in runs):.0f} s |")
     return "\n".join(rows) + "\n"
 
@@ -237,6 +244,8 @@ def plot(results: dict[str, list[Run]], path: Path, sft: float | None = None) ->
     for name, runs in results.items():
         steps = sorted(set.intersection(*(set(r.val) for r in runs)))  # steps every seed has
         stats = [mean_std([r.val[s] for r in runs]) for s in steps]
+        if sft is not None:  # step 0: every variant is the SFT export
+            steps, stats = [0, *steps], [(sft, 0.0), *stats]
         mean = [m for m, _ in stats]
         line, = ax.plot(steps, mean, marker=".", label=LABELS.get(name, name))
         ax.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
@@ -266,12 +275,14 @@ def sft_accuracy(logs: Path) -> float | None:
 
 def summarize(logs: Path, out: Path) -> str:
     results, sft = load(logs), sft_accuracy(logs)
-    start = "" if sft is None else f"Every variant starts from the same SFT export, validation accuracy {sft:.3f}.\n\n"
+    start = "" if sft is None else f"Every variant starts from one SFT export (validation accuracy {sft:.3f}). "
     text = (f"# DAPO ablation ({logs})\n\n{start}Cumulative: each row adds one technique to the "
             "row above. Final validation accuracy: greedy, at the last validation, mean ± sample std over "
-            "seeds. Wall time: first to last logged event of a run. Completion length (tokens, EOS "
-            "included), truncated share (no EOS within L_max) and entropy: "
-            "training rollouts, mean over the last quarter of training and over seeds.\n\n" + table(results))
+            "seeds. Completion length (tokens, EOS included), truncated share (no EOS within L_max) and "
+            "entropy: training rollouts, mean over the last quarter of training and over seeds. "
+            "Upper-clipped tokens (ratio > 1 + eps_high with A > 0) and generation rounds per step "
+            "(dynamic sampling): mean over training. Wall time: first to last logged event of a run.\n\n"
+            + table(results))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text)
     print(text, end="")
