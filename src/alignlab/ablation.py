@@ -17,14 +17,15 @@ The variants are cumulative, as in the paper's table (``model.*`` switches of ``
 | 1-grpo               | GRPO: clip [0.8, 1.2], seq-mean-token-mean, no length shaping or filtering      |
 | 2-overlong_filter    | mask_truncated_completions: truncated completions get zero loss weight         |
 | 3-clip_higher        | epsilon_high 0.28: clip range [0.8, 1.28]                                      |
-| 4-soft_overlong      | overlong_buffer_len L_cache: reward - ramp to -1 over the last L_cache tokens  |
+| 4-soft_overlong      | overlong_buffer_len 4 (L_cache): reward penalty 0 at L_max - 4, -1 at L_max     |
 | 5-token_loss         | loss_agg_mode token-mean: every token of the batch weighs the same             |
 | 6-dynamic_sampling   | dynamic_sampling: only groups with mixed rewards (= DAPO)                      |
 
-Every variant runs without the KL term (beta 0), as DAPO does before its Table 1: removing the KL term is
-not one of the table's steps, so it is not one here either. Several minibatches per rollout
-(configs/ablation/rl.yaml) are what let the clip range matter at all: with one update per rollout the
-ratio is exactly 1 (see docs/grpo_dapo.md).
+Every variant runs without the KL term (beta 0): the paper drops the KL term up front, not as a row of its
+table. Budgets count rollout batches (16 prompts x 8 samples); each is split into 2 minibatches
+(configs/ablation/rl.yaml), so ``trainer.max_steps`` = 2 x steps, and the second minibatch sees ratios
+away from 1: with one update per rollout the ratio is exactly 1 and no clip range could matter
+(docs/grpo_dapo.md). Results, and which of the paper's effects reproduce: docs/ablation.md.
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ def sft_accuracy(logs: Path) -> float | None:
 
 def summarize(logs: Path, out: Path) -> str:
     results, sft = load(logs), sft_accuracy(logs)
-    start = "" if sft is None else f"Every variant starts from one SFT export (validation accuracy {sft:.3f}). "
+    start = "" if sft is None else f"Every variant starts from one SFT export (val accuracy {sft:.3f}). "
     text = (f"# DAPO ablation ({logs})\n\n{start}Cumulative: each row adds one technique to the "
             "row above. Final validation accuracy: greedy, at the last validation, mean ± sample std over "
             "seeds. Completion length (tokens, EOS included), truncated share (no EOS within L_max) and "
