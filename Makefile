@@ -4,9 +4,11 @@ PY := .venv/bin/python
 STAMP := .venv/.alignlab-installed
 ALGO ?= dapo
 ARGS ?=
+SEEDS ?= 0 1 2
+STEPS ?= 100
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench tensorboard clean-logs
+.PHONY: help install train test test-slow bench ablation tensorboard clean-logs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,6 +33,9 @@ test-slow: $(STAMP) ## also run the slower learning tests
 bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput and MFU (results in benchmarks/results/)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_train.py
+
+ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}
+	$(PY) -m alignlab.ablation run --seeds $(SEEDS) --steps $(STEPS) $(if $(DRY),--dry-run)
 
 tensorboard: $(STAMP) ## open TensorBoard on logs/ (http://localhost:6006)
 	$(PY) -m tensorboard.main --logdir logs --port 6006
