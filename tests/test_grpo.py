@@ -8,6 +8,7 @@ import torch
 from conftest import SCRATCHPAD, datamodule, fit, tiny_arch, val_accuracy
 
 from alignlab.algorithms import GRPO
+from alignlab.algorithms.on_policy import Rollout
 
 
 # ------------------------------------------------------------------ reward functions used by path
@@ -48,6 +49,25 @@ def metrics_of(trainer) -> dict[str, float]:
 
 def snapshot(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+# ------------------------------------------------------------------------- fixed log-probs
+def test_reference_logps_in_trimmed_length_sorted_chunks_equal_one_padded_forward():
+    module = GRPO(arch=tiny_arch(), num_generations=2)
+    g = torch.Generator().manual_seed(0)
+    N, P, C = 7, 6, 9
+    prompt_mask = (torch.arange(P) >= torch.tensor([2, 0, 3, 1, 2, 0, 3])[:, None]).long()  # left padding
+    lengths = torch.tensor([9, 2, 5, 1, 9, 3, 4])
+    completion_mask = (torch.arange(C) < lengths[:, None]).long()  # ragged: chunks get trimmed
+    r = Rollout(prompt_ids=torch.randint(4, 128, (N, P), generator=g) * prompt_mask, prompt_mask=prompt_mask,
+                completion_ids=torch.randint(4, 128, (N, C), generator=g) * completion_mask,
+                completion_mask=completion_mask, truncated=lengths == C, prompts=[""] * N, completions=[""] * N)
+    with torch.no_grad():
+        full = module.completion_logps(module.ref, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    chunked = module.logps_no_grad(module.ref, r, chunk=3)
+    real = completion_mask.bool()
+    torch.testing.assert_close(chunked[real], full[real], atol=1e-5, rtol=1e-5)
+    assert chunked.shape == (N, C) and (chunked[[3, 1, 5], 3:] == 0).all()  # the shortest chunk was trimmed
 
 
 # --------------------------------------------------------------------------------- the loss

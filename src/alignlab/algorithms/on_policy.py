@@ -75,7 +75,7 @@ class Rollout:
         return self.completion_mask.sum(-1)
 
     def select(self, idx: torch.Tensor | list[int]) -> Rollout:
-        """The rows in ``idx`` (a minibatch or the kept groups), with padding columns trimmed."""
+        """The rows in ``idx`` (a minibatch or the kept groups)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         out = {}
         for f in fields(self):
@@ -90,6 +90,19 @@ class Rollout:
             else:
                 out[f.name] = v
         return Rollout(**out)
+
+    def trimmed(self) -> Rollout:
+        """The same rows without the padding columns none of them uses: prompt columns on the left,
+        per-token (N, C) columns on the right."""
+        start = int(self.prompt_mask.any(0).long().argmax())  # first prompt column some row uses
+        C, end = self.completion_ids.shape[1], max(1, int(self.lengths.max()))
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() == 2:
+                v = v[:, start:] if f.name.startswith("prompt") else (v[:, :end] if v.shape[1] == C else v)
+            out[f.name] = v
+        return type(self)(**out)
 
     @staticmethod
     def cat(parts: list[Rollout], pad_id: int = 0) -> Rollout:
@@ -261,13 +274,16 @@ class OnPolicyModule(PolicyModule):
             r.logp_old = self.logps_no_grad(self.policy, r)
 
     @torch.no_grad()
-    def logps_no_grad(self, model, r: Rollout, chunk: int = 256) -> torch.Tensor:
-        parts = []
-        for s in range(0, len(r), chunk):
-            sl = slice(s, s + chunk)
-            parts.append(self.completion_logps(model, r.prompt_ids[sl], r.prompt_mask[sl], r.completion_ids[sl],
-                                               r.completion_mask[sl], temperature=self.hparams.temperature))
-        return torch.cat(parts)
+    def logps_no_grad(self, model, r: Rollout, chunk: int = 32) -> torch.Tensor:
+        """Per-token log-probs (N, C) of a fixed model, in chunks of rows of similar completion length,
+        each without the padding columns it does not need (0 where a chunk was trimmed: padding only)."""
+        out = torch.zeros(r.completion_ids.shape, device=r.completion_ids.device)
+        for idx in torch.argsort(r.lengths, stable=True).split(chunk):
+            mb = r.select(idx).trimmed()
+            out[idx.to(out.device), : mb.completion_ids.shape[1]] = self.completion_logps(
+                model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
+                temperature=self.hparams.temperature)
+        return out
 
     # ------------------------------------------------------------------------------ loss
     def compute_loss(self, mb: Rollout, num_tokens: torch.Tensor, num_seqs: torch.Tensor
