@@ -70,6 +70,40 @@ def test_reference_logps_in_trimmed_length_sorted_chunks_equal_one_padded_forwar
     assert chunked.shape == (N, C) and (chunked[[3, 1, 5], 3:] == 0).all()  # the shortest chunk was trimmed
 
 
+def ragged_rollout(module, batch) -> Rollout:
+    """A sampled rollout cut to completions of 1..C tokens (a random tiny model almost never samples EOS)."""
+    r = module.rollout(batch)
+    N, C = r.completion_ids.shape
+    r.completion_mask = (torch.arange(C) < (torch.arange(N) % C + 1)[:, None]).long()
+    r.completion_ids = r.completion_ids * r.completion_mask
+    module.score(r)
+    return r
+
+
+def test_micro_batches_give_the_same_gradients_and_metrics_as_one_pass():
+    runs = []
+    for micro in (None, 3):
+        torch.manual_seed(0)
+        module = GRPO(arch=tiny_arch(), beta=0.5, num_generations=4, num_iterations=2, micro_batch_size=micro,
+                      max_grad_norm=0.0, lr=1e-2, reward_funcs=["test_grpo.length_reward"])
+        module.make_rollout = lambda batch, m=module: ragged_rollout(m, batch)
+        grads = []
+
+        class Grads(L.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                grads.append([p.grad.clone() for p in pl_module.policy.parameters()])
+
+        trainer = fit(module, datamodule("prompt", batch_size=4), max_steps=2, callbacks=[Grads()])
+        runs.append((grads, metrics_of(trainer)))
+    (g_one, m_one), (g_micro, m_micro) = runs
+    assert len(g_one) == len(g_micro) == 2  # both passes over the rollout (the second one off-policy)
+    for a, b in zip(sum(g_one, []), sum(g_micro, [])):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    for k in ("train/loss", "train/kl", "train/entropy", "train/clip_ratio/region", "train/reward"):
+        assert m_micro[k] == pytest.approx(m_one[k], rel=1e-4, abs=1e-6), k
+    assert m_one["train/kl"] > 0
+
+
 # --------------------------------------------------------------------------------- the loss
 @pytest.mark.parametrize("beta", [0.04, 0.5])
 def test_first_step_loss_is_beta_times_kl_and_ratio_is_one(beta):

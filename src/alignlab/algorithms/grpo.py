@@ -101,6 +101,8 @@ class GRPO(OnPolicyModule):
             r.ref_logp = self.logps_no_grad(self.ref, r)
 
     # -- 2. the loss: clipped surrogate + beta * KL, aggregated over tokens and sequences
+    summed_metrics = ("kl",)  # aggregated like the loss: a micro-batch's kl is its share
+
     def compute_loss(self, mb: Rollout, num_tokens, num_seqs):
         mask = mb.loss_mask
         logp, entropy = self.completion_logps(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
