@@ -20,8 +20,15 @@ step to the end of this one (Lightning ``on_train_batch_end`` / HF ``on_step_end
 the reference forward, the policy forward + backward and the optimizer step, plus each framework's own
 overhead. The first ``--warmup`` steps are not timed. The reward of each step is its batch mean.
 
+One difference is ours by design: ``--micro-batch-size`` (default 32) runs our forward/backward in
+length-sorted micro-batches trimmed of padding, whose gradients add up to the same optimizer step on the
+same 128 completions (``micro_batch_size`` of OnPolicyModule; 0 = one padded pass, as TRL does). TRL has
+no length bucketing (its gradient accumulation splits a shuffled batch, which saves no padding).
+
 Ours runs first, then TRL (not interleaved: each is one training run); the machine's load average before and
-after each run is recorded, since other processes on the machine slow both sides.
+after each run is recorded, since other processes on the machine slow both sides. Each step's process CPU
+time is recorded as well: on a shared machine it measures the work done, where wall time also counts the
+wait for a core (and, with 2+ threads on an oversubscribed machine, every OpenMP barrier: use --threads 1).
 """
 
 from __future__ import annotations
@@ -143,7 +150,8 @@ def run_ours(model_dir: str, cfg: dict, dm: AlignDataModule, max_steps: int) -> 
                   temperature=cfg["temperature"], beta=cfg["beta"], epsilon=cfg["epsilon"], kl_estimator="k3",
                   scale_rewards="group", loss_agg_mode="seq-mean-token-mean", num_iterations=1, minibatches=1,
                   reward_funcs=["alignlab.rewards.rules.accuracy_reward"], lr=cfg["learning_rate"], warmup_steps=0,
-                  lr_schedule="constant", weight_decay=0.0, max_grad_norm=1.0, sampling_seed=cfg["seed"])
+                  lr_schedule="constant", weight_decay=0.0, max_grad_norm=1.0, sampling_seed=cfg["seed"],
+                  micro_batch_size=cfg["ours_micro_batch_size"])
     steps = LightningSteps()
     load = os.getloadavg()[0]
     steps.ends, steps.cpu = [time.perf_counter()], [time.process_time()]
@@ -202,6 +210,8 @@ def main(argv=None) -> dict:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--epsilon", type=float, default=0.2)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--micro-batch-size", type=int, default=32,
+                   help="ours only: length-sorted micro-batches per forward/backward (0 = one pass); same update")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only (profiling)")
@@ -219,7 +229,8 @@ def main(argv=None) -> dict:
     max_steps = args.warmup + args.steps
     cfg = {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
            "max_completion_length": args.max_completion_length, "temperature": args.temperature,
-           "beta": args.beta, "epsilon": args.epsilon, "learning_rate": args.lr, "seed": args.seed}
+           "beta": args.beta, "epsilon": args.epsilon, "learning_rate": args.lr, "seed": args.seed,
+           "ours_micro_batch_size": args.micro_batch_size or None}
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.init_from is not None:
@@ -264,12 +275,16 @@ def main(argv=None) -> dict:
     if "ours" in results and "trl" in results:
         o, t = results["ours"], results["trl"]
         result["speedup"] = round(o["steps_per_s"] / t["steps_per_s"], 2)
+        result["speedup_cpu_time"] = round(t["median_step_cpu_s"] / o["median_step_cpu_s"], 2)
         k = f"mean_reward_last_{args.last_k}"
-        print(f"\n{'':6}{'steps/s':>9}{'median s/step':>15}{'reward first 5':>16}{'reward last ' + str(args.last_k):>16}")
+        print(f"\n{'':6}{'steps/s':>9}{'median s/step':>15}{'CPU s/step':>12}{'reward first 5':>16}"
+              f"{'reward last ' + str(args.last_k):>16}")
         for name, r in (("ours", o), ("TRL", t)):
-            print(f"{name:6}{r['steps_per_s']:>9.3f}{r['median_step_s']:>15.3f}{r['mean_reward_first_5']:>16.3f}{r[k]:>16.3f}")
-        print(f"speedup {result['speedup']:.2f}x ({args.steps} timed steps after {args.warmup} warm-up, "
-              f"{args.prompts_per_step}x{args.num_generations} completions/step, {args.threads} threads)")
+            print(f"{name:6}{r['steps_per_s']:>9.3f}{r['median_step_s']:>15.3f}{r['median_step_cpu_s']:>12.3f}"
+                  f"{r['mean_reward_first_5']:>16.3f}{r[k]:>16.3f}")
+        print(f"speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time ({args.steps} timed "
+              f"steps after {args.warmup} warm-up, {args.prompts_per_step}x{args.num_generations} completions/step, "
+              f"{args.threads} threads)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
