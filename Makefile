@@ -30,9 +30,10 @@ test: $(STAMP) ## run the test suite (includes one learning test per algorithm),
 test-slow: $(STAMP) ## also run the slower learning tests
 	$(PY) -m pytest -n 2 -q -m "slow or not slow"
 
-bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput and MFU (results in benchmarks/results/)
+bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput and MFU, GRPO vs TRL if installed (results in benchmarks/results/)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_grpo_trl.py
 
 ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}
 	$(PY) -m alignlab.ablation run --seeds $(SEEDS) --steps $(STEPS) $(if $(DRY),--dry-run)

@@ -1,7 +1,7 @@
 import torch
 
 from alignlab.model.generate import filter_logits, generate
-from alignlab.model.transformer import Transformer, TransformerConfig
+from alignlab.model.transformer import KVCache, Transformer, TransformerConfig
 
 EOS, PAD = 1, 0
 
@@ -59,6 +59,29 @@ def test_rows_stop_at_eos_and_batch_stops_when_all_done():
     assert out.completion_ids.shape[1] == 1  # whole batch stopped after one step
     assert out.completion_mask.tolist() == [[1], [1]]
     assert not out.truncated.any()
+
+
+def test_rows_that_finish_early_leave_the_batch_and_change_no_other_row(monkeypatch):
+    m = model()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 3, 4, 6, 7], [0, 0, 0, 9, 2], [0, 2, 4, 6, 8]])
+    mask = (ids != 0).long()
+    free = generate(m, ids, mask, 8, eos_token_id=-1, pad_token_id=PAD, greedy=True)  # no row ever stops
+    # an EOS on the greedy path of 2..4 rows before their last step: they stop early, the others run on
+    eos = next(tok for tok in free.completion_ids.unique().tolist()
+               if 2 <= (free.completion_ids[:, :7] == tok).any(1).sum() < len(ids))
+    kept = []
+    keep_rows = KVCache.keep_rows
+    monkeypatch.setattr(KVCache, "keep_rows", lambda self, keep: (kept.append(keep.tolist()), keep_rows(self, keep)))
+    out = generate(m, ids, mask, 8, eos, PAD, greedy=True)
+    assert kept and len(kept[0]) == len(ids) and not all(kept[0])  # finished rows left the batch
+    assert out.lengths.min() < out.completion_ids.shape[1] == 8
+    for r in range(len(ids)):  # each row decodes exactly as it does alone in a batch of one
+        alone = generate(m, ids[r : r + 1], mask[r : r + 1], 8, eos, PAD, greedy=True)
+        n = alone.lengths.item()
+        assert out.lengths[r].item() == n
+        assert out.completion_ids[r, :n].tolist() == alone.completion_ids[0, :n].tolist()
+        assert (out.completion_ids[r, n:] == PAD).all()
+        torch.testing.assert_close(out.logprobs[r, :n], alone.logprobs[0, :n], atol=1e-5, rtol=1e-5)
 
 
 def test_mask_covers_up_to_eos_and_pads_after():

@@ -2,10 +2,12 @@
 
 import math
 
+import lightning as L
 import pytest
 import torch
 
 from alignlab.algorithms import GRPO
+from alignlab.algorithms.on_policy import Rollout
 from conftest import datamodule, fit, rl_learning_run, tiny_arch
 
 
@@ -47,6 +49,59 @@ def metrics_of(trainer) -> dict[str, float]:
 
 def snapshot(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+# ------------------------------------------------------------------------- fixed log-probs
+def test_reference_logps_in_trimmed_length_sorted_chunks_equal_one_padded_forward():
+    module = GRPO(arch=tiny_arch(), num_generations=2)
+    g = torch.Generator().manual_seed(0)
+    N, P, C = 7, 6, 9
+    prompt_mask = (torch.arange(P) >= torch.tensor([2, 0, 3, 1, 2, 0, 3])[:, None]).long()  # left padding
+    lengths = torch.tensor([9, 2, 5, 1, 9, 3, 4])
+    completion_mask = (torch.arange(C) < lengths[:, None]).long()  # ragged: chunks get trimmed
+    r = Rollout(prompt_ids=torch.randint(4, 128, (N, P), generator=g) * prompt_mask, prompt_mask=prompt_mask,
+                completion_ids=torch.randint(4, 128, (N, C), generator=g) * completion_mask,
+                completion_mask=completion_mask, truncated=lengths == C, prompts=[""] * N, completions=[""] * N)
+    with torch.no_grad():
+        full = module.completion_logps(module.ref, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    chunked = module.logps_no_grad(module.ref, r, chunk=3)
+    real = completion_mask.bool()
+    torch.testing.assert_close(chunked[real], full[real], atol=1e-5, rtol=1e-5)
+    assert chunked.shape == (N, C) and (chunked[[3, 1, 5], 3:] == 0).all()  # the shortest chunk was trimmed
+
+
+def ragged_rollout(module, batch) -> Rollout:
+    """A sampled rollout cut to completions of 1..C tokens (a random tiny model almost never samples EOS)."""
+    r = module.rollout(batch)
+    N, C = r.completion_ids.shape
+    r.completion_mask = (torch.arange(C) < (torch.arange(N) % C + 1)[:, None]).long()
+    r.completion_ids = r.completion_ids * r.completion_mask
+    module.score(r)
+    return r
+
+
+def test_micro_batches_give_the_same_gradients_and_metrics_as_one_pass():
+    runs = []
+    for micro in (None, 3):
+        torch.manual_seed(0)
+        module = GRPO(arch=tiny_arch(), beta=0.5, num_generations=4, num_iterations=2, micro_batch_size=micro,
+                      max_grad_norm=0.0, lr=1e-2, reward_funcs=["test_grpo.length_reward"])
+        module.make_rollout = lambda batch, m=module: ragged_rollout(m, batch)
+        grads = []
+
+        class Grads(L.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                grads.append([p.grad.clone() for p in pl_module.policy.parameters()])
+
+        trainer = fit(module, datamodule("prompt", batch_size=4), max_steps=2, callbacks=[Grads()])
+        runs.append((grads, metrics_of(trainer)))
+    (g_one, m_one), (g_micro, m_micro) = runs
+    assert len(g_one) == len(g_micro) == 2  # both passes over the rollout (the second one off-policy)
+    for a, b in zip(sum(g_one, []), sum(g_micro, [])):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    for k in ("train/loss", "train/kl", "train/entropy", "train/clip_ratio/region", "train/reward"):
+        assert m_micro[k] == pytest.approx(m_one[k], rel=1e-4, abs=1e-6), k
+    assert m_one["train/kl"] > 0
 
 
 # --------------------------------------------------------------------------------- the loss

@@ -101,6 +101,8 @@ class GRPO(OnPolicyModule):
             r.ref_logp = self.logps_no_grad(self.ref, r)
 
     # -- 2. the loss: clipped surrogate + beta * KL, aggregated over tokens and sequences
+    summed_metrics = ("kl",)  # aggregated like the loss: a micro-batch's kl is its share
+
     def compute_loss(self, mb: Rollout, num_tokens, num_seqs):
         mask = mb.loss_mask
         logp, entropy = self.completion_logps(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
@@ -110,8 +112,9 @@ class GRPO(OnPolicyModule):
 
         per_token, metrics = clipped_surrogate(logp, logp_old, mb.advantages, mask,
                                                eps_low=self.epsilon, eps_high=self.epsilon_high)
-        if self.beta > 0:
-            kl = kl_estimate(logp, mb.ref_logp, self.kl_estimator)  # (B, T)
+        if self.beta > 0:  # padding may hold any ref log-prob (0 where trimmed): KL 0 there, never inf
+            ref_logp = torch.where(mb.completion_mask.bool(), mb.ref_logp, logp.detach())
+            kl = kl_estimate(logp, ref_logp, self.kl_estimator)  # (B, T)
             per_token = per_token + self.beta * kl
 
         def agg(x):  # this rank's share of the mean over the global minibatch

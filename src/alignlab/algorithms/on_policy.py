@@ -75,7 +75,7 @@ class Rollout:
         return self.completion_mask.sum(-1)
 
     def select(self, idx: torch.Tensor | list[int]) -> Rollout:
-        """The rows in ``idx`` (a minibatch or the kept groups), with padding columns trimmed."""
+        """The rows in ``idx`` (a minibatch or the kept groups)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         out = {}
         for f in fields(self):
@@ -90,6 +90,19 @@ class Rollout:
             else:
                 out[f.name] = v
         return Rollout(**out)
+
+    def trimmed(self) -> Rollout:
+        """The same rows without the padding columns none of them uses: prompt columns on the left,
+        per-token (N, C) columns on the right."""
+        start = int(self.prompt_mask.any(0).long().argmax())  # first prompt column some row uses
+        C, end = self.completion_ids.shape[1], max(1, int(self.lengths.max()))
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() == 2:
+                v = v[:, start:] if f.name.startswith("prompt") else (v[:, :end] if v.shape[1] == C else v)
+            out[f.name] = v
+        return type(self)(**out)
 
     @staticmethod
     def cat(parts: list[Rollout], pad_id: int = 0) -> Rollout:
@@ -138,6 +151,7 @@ class OnPolicyModule(PolicyModule):
         reward_weights: list[float] | None = None,
         num_iterations: int = 1,
         minibatches: int = 1,
+        micro_batch_size: int | None = None,
         log_completions_every_n_steps: int = 10,
         **kwargs,
     ):
@@ -152,6 +166,9 @@ class OnPolicyModule(PolicyModule):
             reward_weights: one weight per reward function (default all 1.0); the reward is the weighted sum.
             num_iterations: mu, passes over each rollout (mu > 1 reuses it: ratios move away from 1).
             minibatches: optimizer steps per pass; the rollout's completions are split into this many parts.
+            micro_batch_size: completions per forward/backward (None = a whole minibatch): a minibatch is
+                split into micro-batches of similar completion length, each trimmed of its padding, whose
+                gradients add up to the same update (less padding computed, less memory).
             log_completions_every_n_steps: write sample completions with rewards to TensorBoard every n steps.
         """
         super().__init__(**kwargs)
@@ -162,6 +179,8 @@ class OnPolicyModule(PolicyModule):
         check(0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}")
         check(num_iterations >= 1, "num_iterations", f"must be >= 1, got {num_iterations}")
         check(minibatches >= 1, "minibatches", f"must be >= 1, got {minibatches}")
+        check(micro_batch_size is None or micro_batch_size >= 1, "micro_batch_size",
+              f"must be >= 1 or None, got {micro_batch_size}")
         check(log_completions_every_n_steps >= 1, "log_completions_every_n_steps",
               f"must be >= 1, got {log_completions_every_n_steps}")
         reward_funcs = ["alignlab.rewards.rules.accuracy_reward"] if reward_funcs is None else list(reward_funcs)
@@ -173,6 +192,7 @@ class OnPolicyModule(PolicyModule):
         self.reward_paths = reward_funcs
         self.reward_fns = [resolve_callable(p, "reward_funcs") for p in reward_funcs]
         self.reward_weights = [float(w) for w in reward_weights]
+        self.micro_batch_size = micro_batch_size
         self.automatic_optimization = False
         self.rollout_skipped = False  # was the last rollout dropped for non-finite rewards?
 
@@ -275,15 +295,29 @@ class OnPolicyModule(PolicyModule):
             r.logp_old = self.logps_no_grad(self.policy, r)
 
     @torch.no_grad()
-    def logps_no_grad(self, model, r: Rollout, chunk: int = 256) -> torch.Tensor:
-        parts = []
-        for s in range(0, len(r), chunk):
-            sl = slice(s, s + chunk)
-            parts.append(self.completion_logps(model, r.prompt_ids[sl], r.prompt_mask[sl], r.completion_ids[sl],
-                                               r.completion_mask[sl], temperature=self.hparams.temperature))
-        return torch.cat(parts)
+    def logps_no_grad(self, model, r: Rollout, chunk: int = 32) -> torch.Tensor:
+        """Per-token log-probs (N, C) of a fixed model, in chunks of rows of similar completion length,
+        each without the padding columns it does not need (0 where a chunk was trimmed: padding only)."""
+        out = torch.zeros(r.completion_ids.shape, device=r.completion_ids.device)
+        for idx in torch.argsort(r.lengths, stable=True).split(chunk):
+            mb = r.select(idx).trimmed()
+            out[idx.to(out.device), : mb.completion_ids.shape[1]] = self.completion_logps(
+                model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
+                temperature=self.hparams.temperature)
+        return out
+
+    def micro_batches(self, mb: Rollout) -> list[Rollout]:
+        """mb in length-sorted micro-batches of ``micro_batch_size`` rows trimmed of padding (or mb itself)."""
+        size = self.micro_batch_size
+        if size is None or size >= len(mb):
+            return [mb]
+        return [mb.select(idx).trimmed() for idx in torch.argsort(mb.lengths, stable=True).split(size)]
 
     # ------------------------------------------------------------------------------ loss
+    # metrics of compute_loss that are shares of the minibatch's aggregate (summed over micro-batches);
+    # every other metric is a token mean (micro-batches weighted by their loss tokens)
+    summed_metrics: tuple[str, ...] = ()
+
     def compute_loss(self, mb: Rollout, num_tokens: torch.Tensor, num_seqs: torch.Tensor
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a minibatch: this rank's share of the global (all-rank) minibatch loss."""
@@ -305,9 +339,15 @@ class OnPolicyModule(PolicyModule):
                 mb = r.select(idx)
                 num_tokens = self.global_sum(mb.loss_mask.sum())
                 num_seqs = self.global_sum(len(mb))
-                loss, metrics = self.compute_loss(mb, num_tokens, num_seqs)
-                # DDP averages gradients over ranks; our loss is already a share of the global mean.
-                self.manual_backward(loss * self.world_size)
+                loss, metrics = torch.zeros((), device=self.device), {}
+                for micro in self.micro_batches(mb):  # gradients add up: each loss is a share of the global mean
+                    part, part_metrics = self.compute_loss(micro, num_tokens, num_seqs)
+                    # DDP averages gradients over ranks; our loss is already a share of the global mean.
+                    self.manual_backward(part * self.world_size)
+                    loss = loss + part.detach()
+                    w = micro.loss_mask.sum() / mb.loss_mask.sum().clamp(min=1)
+                    for k, v in part_metrics.items():
+                        metrics[k] = metrics.get(k, 0.0) + (v.detach() if k in self.summed_metrics else w * v.detach())
                 if h.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()

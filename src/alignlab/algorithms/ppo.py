@@ -295,6 +295,8 @@ class PPO(OnPolicyModule):
     def in_critic_warmup(self) -> bool:
         return self.global_step // self.optimizer_steps_per_batch() < self.hparams.critic_warmup_steps
 
+    summed_metrics = ("loss/value_avg", "loss/policy_avg")  # shares of the minibatch's token mean
+
     def compute_loss(self, mb: PPORollout, num_tokens, num_seqs):
         h = self.hparams
         mask = mb.loss_mask

@@ -2,6 +2,8 @@
 
 One prefill pass over the (left-padded) prompts fills the cache, then one token per step for every row.
 Each row stops at EOS (later positions are padding with mask 0); the loop stops when every row is done.
+Once a quarter of the rows in the batch are done, they are dropped from it (and from the KV cache), so
+a batch of ragged lengths does not keep paying for finished rows.
 Returned log-probs are those of the sampled tokens under ``softmax(logits / temperature)`` -- the same
 distribution the trainers score, so with one update per rollout ``logp - logp_old`` is exactly 0.
 (top-k / top-p only decide which tokens may be drawn; like TRL we do not renormalise the log-probs.)
@@ -67,8 +69,9 @@ def generate(
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # the batch row of each row still in the cache
     n_steps = 0
-    logits = model(prompt_ids, mask[:, :P], cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
+    logits = model(prompt_ids, mask[:, :P], cache=cache, logits_to_keep=1)[:, -1]  # (b, V)
     for t in range(max_new_tokens):
         logits = logits.float()
         if greedy:
@@ -79,13 +82,18 @@ def generate(
             probs = filter_logits(scaled, top_k, top_p).softmax(-1)
             next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         logp = scaled.log_softmax(-1).gather(-1, next_tok[:, None]).squeeze(-1)
-        tokens[:, t] = torch.where(done, pad_token_id, next_tok)
-        logprobs[:, t] = torch.where(done, 0.0, logp)
+        was_done = done[rows]
+        tokens[rows, t] = torch.where(was_done, pad_token_id, next_tok)
+        logprobs[rows, t] = torch.where(was_done, 0.0, logp)
         n_steps = t + 1
-        done = done | (next_tok == eos_token_id)
+        done[rows] = was_done | (next_tok == eos_token_id)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        logits = model(tokens[:, t : t + 1], mask[:, : P + t + 1], cache=cache)[:, -1]
+        live = ~done[rows]
+        if int(live.sum()) <= 3 * len(rows) // 4:  # a quarter of the rows are done: drop them from the batch
+            rows, next_tok, mask = rows[live], next_tok[live], mask[live]
+            cache.keep_rows(live)
+        logits = model(next_tok[:, None], mask[:, : P + t + 1], cache=cache)[:, -1]
 
     tokens, logprobs = tokens[:, :n_steps], logprobs[:, :n_steps]
     is_eos = tokens == eos_token_id

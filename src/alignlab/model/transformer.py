@@ -145,6 +145,10 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows where ``keep`` (B,) is True: (L, B, ...) -> (L, B', ...)."""
+        self.k, self.v = self.k[:, keep], self.v[:, keep]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer_idx: int):

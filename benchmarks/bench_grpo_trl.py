@@ -1,0 +1,296 @@
+"""GRPO training steps per second: our GRPO (Lightning) vs TRL's ``GRPOTrainer``, same model, same prompts.
+
+    .venv/bin/pip install -e ".[bench]" "torch==2.13.0"       # TRL is a benchmark extra, never a dependency
+    python benchmarks/bench_grpo_trl.py [--steps 20] [--warmup 3] [--init-from DIR] [--sft-steps 300]
+
+The model is the default SFT size (dim 256, 6 layers, 8 heads, char vocab 128). Unless ``--init-from`` names
+an HF export, it is first SFT-trained in process for ``--sft-steps`` steps on the scratchpad addition task
+(0 = random init), then exported once with ``to_hf``: ours loads it with ``GRPO(init_from=...)``, TRL with
+``AutoModelForCausalLM.from_pretrained`` -- identical weights and tokenizer on both sides.
+
+Both sides run the same ``warmup + steps`` GRPO steps, in the same order of prompts (TRL with
+``shuffle_dataset=False`` on the prompts our DataLoader serves), with the same G, prompts per step, max
+completion length, temperature, beta (k3 KL to a frozen reference), epsilon, learning rate (constant,
+AdamW betas (0.9, 0.95), no weight decay, grad-norm clip 1.0), one update per rollout, group-scaled
+advantages, seq-mean-token-mean aggregation (TRL ``loss_type="grpo"``), fp32, no gradient checkpointing
+(TRL defaults to bf16 and checkpointing: both are switched off to compare the same arithmetic), the same
+reward function (``alignlab.rewards.rules.accuracy_reward``: our reward contract is TRL's, so it is passed
+unchanged) and the same number of torch threads. A step is timed end to end, from the end of the previous
+step to the end of this one (Lightning ``on_train_batch_end`` / HF ``on_step_end``): generation, reward,
+the reference forward, the policy forward + backward and the optimizer step, plus each framework's own
+overhead. The first ``--warmup`` steps are not timed. The reward of each step is its batch mean.
+
+One difference is ours by design: ``--micro-batch-size`` (default 32) runs our forward/backward in
+length-sorted micro-batches trimmed of padding, whose gradients add up to the same optimizer step on the
+same 128 completions (``micro_batch_size`` of OnPolicyModule; 0 = one padded pass, as TRL does). TRL has
+no length bucketing (its gradient accumulation splits a shuffled batch, which saves no padding).
+
+Ours runs first, then TRL (not interleaved: each is one training run); the machine's load average before and
+after each run is recorded, since other processes on the machine slow both sides. Each step's process CPU
+time is recorded as well: on a shared machine it measures the work done, where wall time also counts the
+wait for a core (and, with 2+ threads on an oversubscribed machine, every OpenMP barrier: use --threads 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+try:
+    import trl
+except ImportError:
+    print('bench_grpo_trl: skipped, trl is not installed (pip install -e ".[bench]" "torch==2.13.0")')
+    sys.exit(0)
+
+import lightning as L
+import torch
+
+from alignlab.algorithms import GRPO, SFT
+from alignlab.data.datamodule import AlignDataModule
+from alignlab.model.transformer import TransformerConfig
+from alignlab.rewards.rules import accuracy_reward
+
+ARCH = dict(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=64)  # configs/algo/sft.yaml
+TASK = dict(task="addition", task_args={"min_digits": 1, "max_digits": 2, "scratchpad_prob": 0.5},
+            max_prompt_length=16, max_completion_length=24)  # configs/base.yaml
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def quiet_trainer(max_steps: int, callbacks=()) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, callbacks=list(callbacks))
+
+
+# ------------------------------------------------------------------------------------------ the model
+def sft_export(out: Path, steps: int, seed: int) -> dict:
+    """Quick SFT of the default-size model on the scratchpad addition task (steps=0: random init) -> HF dir."""
+    L.seed_everything(seed, verbose=False)
+    module = SFT(arch=TransformerConfig(**ARCH), lr=1e-3, warmup_steps=min(50, steps // 5), lr_schedule="cosine")
+    t0 = time.perf_counter()
+    if steps > 0:
+        dm = AlignDataModule(kind="sft", batch_size=64, num_train=20000, num_val=200, **TASK)
+        quiet_trainer(steps).fit(module, dm)
+    module.export(out)
+    return {"init": "sft" if steps > 0 else "random", "sft_steps": steps, "sft_seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ---------------------------------------------------------------------------------------- timing
+class LightningSteps(L.Callback):
+    """Wall time at the end of every training step, and the step's batch-mean reward."""
+
+    def __init__(self):
+        self.ends, self.cpu, self.rewards, self.lengths = [time.perf_counter()], [time.process_time()], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.rewards.append(float(trainer.callback_metrics["train/reward"]))
+        self.lengths.append(float(trainer.callback_metrics["completions/mean_length"]))
+
+
+def make_trl_callback():
+    from transformers import TrainerCallback
+
+    class TRLSteps(TrainerCallback):
+        def __init__(self):
+            self.ends, self.cpu, self.rewards, self.lengths = [time.perf_counter()], [time.process_time()], [], []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                self.rewards.append(float(logs["reward"]))
+                self.lengths.append(float(logs["completions/mean_length"]))
+
+    return TRLSteps()
+
+
+def summary(steps, warmup: int, last_k: int) -> dict:
+    """Per-step wall (and process CPU) seconds, steps/s over the timed steps, rewards."""
+    secs = [b - a for a, b in zip(steps.ends[:-1], steps.ends[1:])]
+    cpu = [b - a for a, b in zip(steps.cpu[:-1], steps.cpu[1:])]
+    timed, rewards = secs[warmup:], steps.rewards
+    return {
+        "step_seconds": [round(s, 4) for s in secs],
+        "step_cpu_seconds": [round(s, 4) for s in cpu],
+        "median_step_s": round(statistics.median(timed), 4),
+        "steps_per_s": round(len(timed) / sum(timed), 4),
+        "median_step_cpu_s": round(statistics.median(cpu[warmup:]), 4),
+        "rewards": [round(r, 4) for r in rewards],
+        f"mean_reward_last_{last_k}": round(statistics.mean(rewards[-last_k:]), 4),
+        "mean_reward_first_5": round(statistics.mean(rewards[:5]), 4),
+        "mean_completion_length": [round(x, 2) for x in steps.lengths],
+    }
+
+
+# ------------------------------------------------------------------------------------------- ours
+def run_ours(model_dir: str, cfg: dict, dm: AlignDataModule, max_steps: int) -> tuple[dict, dict]:
+    L.seed_everything(cfg["seed"], verbose=False)
+    module = GRPO(init_from=model_dir, num_generations=cfg["num_generations"], max_new_tokens=cfg["max_completion_length"],
+                  temperature=cfg["temperature"], beta=cfg["beta"], epsilon=cfg["epsilon"], kl_estimator="k3",
+                  scale_rewards="group", loss_agg_mode="seq-mean-token-mean", num_iterations=1, minibatches=1,
+                  reward_funcs=["alignlab.rewards.rules.accuracy_reward"], lr=cfg["learning_rate"], warmup_steps=0,
+                  lr_schedule="constant", weight_decay=0.0, max_grad_norm=1.0, sampling_seed=cfg["seed"],
+                  micro_batch_size=cfg["ours_micro_batch_size"])
+    steps = LightningSteps()
+    load = os.getloadavg()[0]
+    steps.ends, steps.cpu = [time.perf_counter()], [time.process_time()]
+    quiet_trainer(max_steps, [steps]).fit(module, dm)
+    return steps, {"load_avg_1min_before": round(load, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2)}
+
+
+# -------------------------------------------------------------------------------------------- TRL
+def run_trl(model_dir: str, cfg: dict, rows: list[dict], max_steps: int, out_dir: str) -> tuple[dict, dict]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # TRL tokenizes prompts with the tokenizer's special tokens; ours without: they must be the same ids
+    assert tokenizer(text=rows[0]["prompt"])["input_ids"] == tokenizer(rows[0]["prompt"], add_special_tokens=False)[
+        "input_ids"], "TRL would see different prompt ids than ours"
+    G = cfg["num_generations"]
+    args = GRPOConfig(
+        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        seed=cfg["seed"], max_steps=max_steps, per_device_train_batch_size=cfg["prompts_per_step"] * G,
+        gradient_accumulation_steps=1, num_generations=G, max_completion_length=cfg["max_completion_length"],
+        temperature=cfg["temperature"], top_k=0, top_p=1.0, beta=cfg["beta"], epsilon=cfg["epsilon"],
+        num_iterations=1, loss_type="grpo", scale_rewards="group", learning_rate=cfg["learning_rate"],
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+        max_grad_norm=1.0, shuffle_dataset=False, use_vllm=False, logging_steps=1, report_to="none",
+        save_strategy="no", eval_strategy="no", disable_tqdm=True, log_completions=False,
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    steps = make_trl_callback()
+    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_list(rows), callbacks=[steps])
+    trainer.remove_callback(PrinterCallback)  # it prints every step's log dict
+    load = os.getloadavg()[0]
+    steps.ends, steps.cpu = [time.perf_counter()], [time.process_time()]
+    trainer.train()
+    return steps, {
+        "load_avg_1min_before": round(load, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2),
+        "optim": str(args.optim)}
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--out", default="benchmarks/results/grpo_vs_trl.json")
+    p.add_argument("--init-from", default=None, help="an HF export to start from (default: a quick in-process SFT)")
+    p.add_argument("--sft-steps", type=int, default=300, help="SFT steps when no --init-from (0 = random init)")
+    p.add_argument("--steps", type=int, default=20, help="timed GRPO steps per side")
+    p.add_argument("--warmup", type=int, default=3, help="untimed GRPO steps before them")
+    p.add_argument("--last-k", type=int, default=10, help="mean reward over the last K steps")
+    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--max-completion-length", type=int, default=28)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--epsilon", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--micro-batch-size", type=int, default=32,
+                   help="ours only: length-sorted micro-batches per forward/backward (0 = one pass); same update")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only (profiling)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.last_k < 1:
+        p.error("--steps and --last-k must be >= 1, --warmup >= 0")
+
+    import transformers
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    max_steps = args.warmup + args.steps
+    cfg = {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
+           "max_completion_length": args.max_completion_length, "temperature": args.temperature,
+           "beta": args.beta, "epsilon": args.epsilon, "learning_rate": args.lr, "seed": args.seed,
+           "ours_micro_batch_size": args.micro_batch_size or None}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.init_from is not None:
+            model_dir, init = args.init_from, {"init": "init_from", "init_from": args.init_from}
+        else:
+            model_dir = str(Path(tmp) / "sft")
+            init = sft_export(Path(model_dir), args.sft_steps, args.seed)
+            print(f"model: {init}", flush=True)
+
+        # the prompts of every step, in the order our DataLoader serves them (same seed -> same order again)
+        dm = AlignDataModule(kind="prompt", tokenizer=model_dir, batch_size=args.prompts_per_step,
+                             num_train=max(1000, max_steps * args.prompts_per_step), num_val=1, **TASK)
+        dm.setup("fit")
+        rows = []
+        for i, batch in zip(range(max_steps), dm.train_dataloader()):
+            rows += [{"prompt": q, "answer": a} for q, a in zip(batch["prompt"], batch["answer"])]
+
+        results = {}
+        if args.only in (None, "ours"):
+            ours, ours_load = run_ours(model_dir, cfg, dm, max_steps)
+            results["ours"] = {**summary(ours, args.warmup, args.last_k), **ours_load}
+            print(f"ours: {results['ours']['steps_per_s']:.3f} steps/s", flush=True)
+        if args.only in (None, "trl"):
+            theirs, trl_load = run_trl(model_dir, cfg, rows, max_steps, str(Path(tmp) / "trl"))
+            results["trl"] = {**summary(theirs, args.warmup, args.last_k), **trl_load}
+            print(f"trl:  {results['trl']['steps_per_s']:.3f} steps/s", flush=True)
+
+    result = {
+        "machine": {
+            "cpu": cpu_model(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "lightning": L.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        },
+        "model": {**ARCH, **init},
+        "config": {**cfg, "warmup_steps": args.warmup, "timed_steps": args.steps, "last_k": args.last_k,
+                   "completions_per_step": args.prompts_per_step * args.num_generations, "num_iterations": 1,
+                   "kl_estimator": "k3", "scale_rewards": "group", "loss": "seq-mean-token-mean (TRL loss_type=grpo)",
+                   "lr_schedule": "constant", "adam_betas": [0.9, 0.95], "max_grad_norm": 1.0, "dtype": "float32",
+                   "reward": "alignlab.rewards.rules.accuracy_reward", "task": TASK},
+        **results,
+    }
+    if "ours" in results and "trl" in results:
+        o, t = results["ours"], results["trl"]
+        result["speedup"] = round(o["steps_per_s"] / t["steps_per_s"], 2)
+        result["speedup_cpu_time"] = round(t["median_step_cpu_s"] / o["median_step_cpu_s"], 2)
+        k = f"mean_reward_last_{args.last_k}"
+        print(f"\n{'':6}{'steps/s':>9}{'median s/step':>15}{'CPU s/step':>12}{'reward first 5':>16}"
+              f"{'reward last ' + str(args.last_k):>16}")
+        for name, r in (("ours", o), ("TRL", t)):
+            print(f"{name:6}{r['steps_per_s']:>9.3f}{r['median_step_s']:>15.3f}{r['median_step_cpu_s']:>12.3f}"
+                  f"{r['mean_reward_first_5']:>16.3f}{r[k]:>16.3f}")
+        print(f"speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time ({args.steps} timed "
+              f"steps after {args.warmup} warm-up, {args.prompts_per_step}x{args.num_generations} completions/step, "
+              f"{args.threads} threads)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
