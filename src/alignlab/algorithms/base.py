@@ -16,6 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from alignlab.data.tokenizer import load_tokenizer
@@ -210,7 +211,28 @@ class PolicyModule(L.LightningModule):
         """HF-format policy + tokenizer: what the next stage (or transformers) loads."""
         self.policy.to_hf(path, tokenizer=self.tokenizer)
 
+    # ---------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Beyond what Lightning saves (weights of policy and reference, optimizer, scheduler, loops, data
+        position): the sampling generator of every rank, (world, state bytes), for an exact resume."""
+        state = self.generator.get_state()
+        checkpoint["sampling_generator"] = self.all_gather(state) if self._world_size() > 1 else state[None]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("sampling_generator")
+        if states is None:
+            return
+        if len(states) != self._world_size():
+            rank_zero_warn(f"the checkpoint holds the sampling generators of {len(states)} ranks, this run has "
+                           f"{self._world_size()}: rank r continues rank r mod {len(states)}'s stream")
+        self.generator.set_state(states[self.global_rank % len(states)].cpu().to(torch.uint8))
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
     def setup(self, stage: str) -> None:
+        if self._world_size() > 1:  # one sampling stream per rank
+            self.generator.manual_seed(self.hparams.sampling_seed + self.global_rank)
         dm = getattr(self.trainer, "datamodule", None)
         kind = getattr(getattr(dm, "hparams", None), "kind", None)
         if kind is not None and kind != self.data_kind:
