@@ -1,0 +1,113 @@
+"""DDP scenarios for tests/test_ddp.py, run by ``torchrun --nproc_per_node 2 tests/ddp_run.py OUT`` (gloo, CPU).
+
+Lightning sees torchrun's environment and joins its process group (no launcher of its own), so one torchrun
+job runs every scenario in sequence:
+
+- equivalence: GRPO/DAPO on a fixed rollout of 2b prompts; each of the 2 ranks trains on its b prompts
+  (whole groups). Rank 0 saves the policy after the update; the test compares it with one process on all
+  2b (``equivalence_run(..., devices=1)`` in the test process).
+- smoke: every algorithm, 2 steps under DDP; each rank saves the policy and the prompts it trained on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import datamodule, tiny_arch  # noqa: E402
+
+from alignlab.algorithms import DAPO, DPO, GRPO, PPO, SFT, RewardModel  # noqa: E402
+from alignlab.data.datamodule import Collator  # noqa: E402
+
+PROMPTS = 4  # 2b: the whole rollout's prompts; each of 2 ranks trains on 2
+VARIANTS = {
+    "grpo": (GRPO, dict(beta=0.04, loss_agg_mode="seq-mean-token-mean", num_iterations=2)),
+    "grpo_token_mean_batch_std": (GRPO, dict(beta=0.04, loss_agg_mode="token-mean", scale_rewards="batch",
+                                             num_iterations=2)),
+    # token-mean, clip-higher, overlong shaping (an untrained model rarely stops: keep truncated samples)
+    "dapo": (DAPO, dict(num_iterations=2, overlong_buffer_len=2, mask_truncated_completions=False)),
+}
+
+
+class FixedRollout:
+    """``make_rollout`` ignores the loader's batch: every setup generates the same completions for the same
+    2b prompts (seeded generator, same weights); rank r keeps its b prompts' groups."""
+
+    def make_rollout(self, batch):
+        full = Collator("prompt", self.pad_id)(self.trainer.datamodule.train_rows[:PROMPTS])
+        self.generator.manual_seed(123)
+        r = self.rollout(full)
+        self.score(r)
+        n = len(r) // self.world_size
+        return r.select(torch.arange(self.global_rank * n, (self.global_rank + 1) * n))
+
+    def configure_optimizers(self):
+        """SGD: the update is lr x gradient, so a wrong scale (world size, token counts) shows (Adam hides it)."""
+        return torch.optim.SGD(self.policy.parameters(), lr=self.hparams.lr)
+
+
+def trainer(devices: int, max_steps: int) -> L.Trainer:
+    kw = dict(accelerator="cpu", devices=devices, max_steps=max_steps, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    if devices > 1:
+        kw["strategy"] = "ddp"
+    return L.Trainer(**kw)
+
+
+def equivalence_run(name: str, devices: int) -> dict[str, torch.Tensor]:
+    """One training step (num_iterations optimizer steps) on the fixed rollout; the policy afterwards."""
+    cls, kw = VARIANTS[name]
+    L.seed_everything(0)
+    module = type(cls.__name__, (FixedRollout, cls), {})(
+        arch=tiny_arch(), num_generations=4, max_new_tokens=6, lr=1.0, max_grad_norm=0.0,
+        reward_funcs=["resume_helpers.length_parity_reward"], **kw)
+    dm = datamodule("prompt", batch_size=PROMPTS // devices, num_train=64, num_val=4)
+    trainer(devices, kw["num_iterations"]).fit(module, dm)
+    return {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
+
+
+class RecordPrompts(L.Callback):
+    def __init__(self):
+        self.prompts = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.prompts += batch["prompt"]
+
+
+def smoke(algo: str, devices: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    L.seed_everything(0)
+    arch = tiny_arch()
+    module, kind = {
+        "sft": (lambda: SFT(arch=arch), "sft"),
+        "rm": (lambda: RewardModel(arch=arch), "preference"),
+        "dpo": (lambda: DPO(arch=arch), "preference"),
+        "ppo": (lambda: PPO(arch=arch, num_generations=2, max_new_tokens=6, ppo_epochs=1), "prompt"),
+        "grpo": (lambda: GRPO(arch=arch, num_generations=4, max_new_tokens=6), "prompt"),
+        "dapo": (lambda: DAPO(arch=arch, num_generations=4, max_new_tokens=6,
+                              reward_funcs=["resume_helpers.length_parity_reward"]), "prompt"),
+    }[algo]
+    module = module()
+    record = RecordPrompts()
+    t = trainer(devices, 2)
+    t.callbacks.append(record)
+    t.fit(module, datamodule(kind, batch_size=4, num_train=200, num_val=4, max_completion_length=24,
+                             task_args={"max_digits": 2, "scratchpad_prob": 0.5}))
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, record.prompts
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    for name in VARIANTS:
+        state = equivalence_run(name, devices=2)
+        if rank == 0:
+            torch.save(state, out / f"equiv_{name}.pt")
+    for algo in ("sft", "rm", "dpo", "ppo", "grpo", "dapo"):
+        state, prompts = smoke(algo, devices=2)
+        torch.save({"state": state, "prompts": prompts}, out / f"smoke_{algo}_rank{rank}.pt")
