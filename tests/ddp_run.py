@@ -7,6 +7,8 @@ job runs every scenario in sequence:
   (whole groups). Rank 0 saves the policy after the update; the test compares it with one process on all
   2b (``equivalence_run(..., devices=1)`` in the test process).
 - smoke: every algorithm, 2 steps under DDP; each rank saves the policy and the prompts it trained on.
+- resume: DAPO (dynamic sampling: per-rank generators and refill iterators) 4 steps with a checkpoint at
+  step 2, and a run resumed from that checkpoint; each rank saves both final states.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import datamodule, tiny_arch  # noqa: E402
@@ -51,9 +54,10 @@ class FixedRollout:
         return torch.optim.SGD(self.policy.parameters(), lr=self.hparams.lr)
 
 
-def trainer(devices: int, max_steps: int) -> L.Trainer:
-    kw = dict(accelerator="cpu", devices=devices, max_steps=max_steps, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+def trainer(devices: int, max_steps: int, callbacks=()) -> L.Trainer:
+    kw = dict(accelerator="cpu", devices=devices, max_steps=max_steps, logger=False,
+              enable_checkpointing=bool(callbacks), callbacks=list(callbacks), enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0)
     if devices > 1:
         kw["strategy"] = "ddp"
     return L.Trainer(**kw)
@@ -79,7 +83,8 @@ class RecordPrompts(L.Callback):
         self.prompts += batch["prompt"]
 
 
-def smoke(algo: str, devices: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+def smoke(algo: str, devices: int, ckpt_dir: Path | None = None, resume: str | None = None, max_steps: int = 2):
+    """2 steps of ``algo``; returns (module state, prompts this rank trained on)."""
     L.seed_everything(0)
     arch = tiny_arch()
     module, kind = {
@@ -93,10 +98,10 @@ def smoke(algo: str, devices: int) -> tuple[dict[str, torch.Tensor], list[str]]:
     }[algo]
     module = module()
     record = RecordPrompts()
-    t = trainer(devices, 2)
-    t.callbacks.append(record)
+    ckpt = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)] if ckpt_dir else []
+    t = trainer(devices, max_steps, [record, *ckpt])
     t.fit(module, datamodule(kind, batch_size=4, num_train=200, num_val=4, max_completion_length=24,
-                             task_args={"max_digits": 2, "scratchpad_prob": 0.5}))
+                             task_args={"max_digits": 2, "scratchpad_prob": 0.5}), ckpt_path=resume)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, record.prompts
 
 
@@ -111,3 +116,7 @@ if __name__ == "__main__":
     for algo in ("sft", "rm", "dpo", "ppo", "grpo", "dapo"):
         state, prompts = smoke(algo, devices=2)
         torch.save({"state": state, "prompts": prompts}, out / f"smoke_{algo}_rank{rank}.pt")
+    # resume under DDP: DAPO 4 steps with a checkpoint at step 2, and a run resumed from it
+    full, _ = smoke("dapo", devices=2, ckpt_dir=out / "ckpt", max_steps=4)
+    resumed, _ = smoke("dapo", devices=2, resume=str(out / "ckpt" / "epoch=0-step=2.ckpt"), max_steps=4)
+    torch.save({"full": full, "resumed": resumed}, out / f"resume_dapo_rank{rank}.pt")

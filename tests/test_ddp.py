@@ -57,3 +57,14 @@ def test_every_algorithm_trains_under_ddp_on_disjoint_data_with_identical_weight
     assert r0["state"].keys() == r1["state"].keys()
     for k in r0["state"]:
         torch.testing.assert_close(r0["state"][k], r1["state"][k], atol=0, rtol=0, msg=k)  # gradients all-reduced
+
+
+def test_dapo_resumed_under_ddp_ends_like_the_uninterrupted_run(ddp_out):
+    ckpt = torch.load(ddp_out / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    gens = ckpt["sampling_generator"]
+    assert gens.shape[0] == 2 and not torch.equal(gens[0], gens[1])  # one sampling stream per rank, both saved
+    assert ckpt["dapo_extra_prompts_drawn"].shape == (2,)
+    for r in (0, 1):
+        out = torch.load(ddp_out / f"resume_dapo_rank{r}.pt", weights_only=True)
+        for k, v in out["full"].items():
+            torch.testing.assert_close(out["resumed"][k], v, atol=1e-6, rtol=0, msg=k)

@@ -225,7 +225,8 @@ class PolicyModule(L.LightningModule):
         if len(states) != self._world_size():
             rank_zero_warn(f"the checkpoint holds the sampling generators of {len(states)} ranks, this run has "
                            f"{self._world_size()}: rank r continues rank r mod {len(states)}'s stream")
-        self.generator.set_state(states[self.global_rank % len(states)].cpu().to(torch.uint8))
+        # clone: set_state on a view with a storage offset (a row of the (world, N) tensor) segfaults
+        self.generator.set_state(states[self.global_rank % len(states)].to("cpu", torch.uint8).clone())
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
