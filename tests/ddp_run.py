@@ -6,7 +6,8 @@ job runs every scenario in sequence:
 - equivalence: GRPO/DAPO on a fixed rollout of 2b prompts; each of the 2 ranks trains on its b prompts
   (whole groups). Rank 0 saves the policy after the update; the test compares it with one process on all
   2b (``equivalence_run(..., devices=1)`` in the test process).
-- smoke: every algorithm, 2 steps under DDP; each rank saves the policy and the prompts it trained on.
+- smoke: every algorithm, 2 steps under DDP; each rank saves the policy and the prompts it trained on;
+  SFT also logs and writes its HF export (a collective in the export once hung rank 0).
 - resume: DAPO (dynamic sampling: per-rank generators and refill iterators) 4 steps with a checkpoint at
   step 2, and a run resumed from that checkpoint; each rank saves both final states.
 """
@@ -20,11 +21,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import datamodule, tiny_arch  # noqa: E402
 
 from alignlab.algorithms import DAPO, DPO, GRPO, PPO, SFT, RewardModel  # noqa: E402
+from alignlab.callbacks import HFExport  # noqa: E402
 from alignlab.data.datamodule import Collator  # noqa: E402
 
 PROMPTS = 4  # 2b: the whole rollout's prompts; each of 2 ranks trains on 2
@@ -55,12 +58,16 @@ class FixedRollout:
 
 
 def trainer(devices: int, max_steps: int, callbacks=()) -> L.Trainer:
+    return L.Trainer(**t_kwargs(devices, max_steps, callbacks))
+
+
+def t_kwargs(devices: int, max_steps: int, callbacks=()) -> dict:
     kw = dict(accelerator="cpu", devices=devices, max_steps=max_steps, logger=False,
               enable_checkpointing=bool(callbacks), callbacks=list(callbacks), enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0)
     if devices > 1:
         kw["strategy"] = "ddp"
-    return L.Trainer(**kw)
+    return kw
 
 
 def equivalence_run(name: str, devices: int) -> dict[str, torch.Tensor]:
@@ -83,7 +90,8 @@ class RecordPrompts(L.Callback):
         self.prompts += batch["prompt"]
 
 
-def smoke(algo: str, devices: int, ckpt_dir: Path | None = None, resume: str | None = None, max_steps: int = 2):
+def smoke(algo: str, devices: int, ckpt_dir: Path | None = None, resume: str | None = None, max_steps: int = 2,
+          export_dir: Path | None = None):
     """2 steps of ``algo``; returns (module state, prompts this rank trained on)."""
     L.seed_everything(0)
     arch = tiny_arch()
@@ -100,6 +108,9 @@ def smoke(algo: str, devices: int, ckpt_dir: Path | None = None, resume: str | N
     record = RecordPrompts()
     ckpt = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)] if ckpt_dir else []
     t = trainer(devices, max_steps, [record, *ckpt])
+    if algo == "sft" and export_dir is not None:  # the HF export at the end of a DDP run (rank 0 writes it)
+        t = L.Trainer(**{**t_kwargs(devices, max_steps, [record, HFExport()]),
+                         "logger": TensorBoardLogger(export_dir, name="sft")})
     t.fit(module, datamodule(kind, batch_size=4, num_train=200, num_val=4, max_completion_length=24,
                              task_args={"max_digits": 2, "scratchpad_prob": 0.5}), ckpt_path=resume)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, record.prompts
@@ -114,7 +125,7 @@ if __name__ == "__main__":
         if rank == 0:
             torch.save(state, out / f"equiv_{name}.pt")
     for algo in ("sft", "rm", "dpo", "ppo", "grpo", "dapo"):
-        state, prompts = smoke(algo, devices=2)
+        state, prompts = smoke(algo, devices=2, export_dir=out / "logs")
         torch.save({"state": state, "prompts": prompts}, out / f"smoke_{algo}_rank{rank}.pt")
     # resume under DDP: DAPO 4 steps with a checkpoint at step 2, and a run resumed from it
     full, _ = smoke("dapo", devices=2, ckpt_dir=out / "ckpt", max_steps=4)

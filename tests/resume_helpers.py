@@ -16,7 +16,8 @@ class StepMetrics(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         row = {"step": trainer.global_step, "batch_idx": batch_idx}
-        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "rewards/", "completions/", "logps/"))})
+        groups = ("train/", "rewards/", "completions/", "logps/")
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(groups)})
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 

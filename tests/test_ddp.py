@@ -29,9 +29,10 @@ def free_port() -> int:
 def ddp_out(tmp_path_factory):
     """One torchrun job, 2 CPU processes: every scenario of tests/ddp_run.py; returns its output directory."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(TESTS / "ddp_run.py"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(TESTS / "ddp_run.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -68,3 +69,7 @@ def test_dapo_resumed_under_ddp_ends_like_the_uninterrupted_run(ddp_out):
         out = torch.load(ddp_out / f"resume_dapo_rank{r}.pt", weights_only=True)
         for k, v in out["full"].items():
             torch.testing.assert_close(out["resumed"][k], v, atol=1e-6, rtol=0, msg=k)
+
+
+def test_the_hf_export_at_the_end_of_a_ddp_run_is_written(ddp_out):
+    assert (ddp_out / "logs" / "sft" / "latest" / "hf" / "config.json").is_file()

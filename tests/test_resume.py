@@ -15,7 +15,7 @@ import torch
 import yaml
 from resume_helpers import read_metrics
 
-from alignlab.checkpoint import AtomicCheckpointIO
+from alignlab.checkpoint import AtomicCheckpointIO, find_last_checkpoint
 from alignlab.cli import main
 from alignlab.data.datamodule import ResumableSampler
 
@@ -150,3 +150,13 @@ def test_sampler_resumes_mid_epoch_and_splits_ranks():
     assert list(s) == full[40:] and list(s) == list(ResumableSampler(data, seed=6))  # then epoch 1 = seed + 1
     ranks = [list(ResumableSampler(data, num_replicas=2, rank=r, seed=5)) for r in (0, 1)]
     assert sorted(ranks[0] + ranks[1]) == sorted(full[:102]) and ranks[0] == full[0:102:2]
+
+
+def test_ckpt_path_last_finds_the_newest_run_and_skips_the_latest_symlink(tmp_path):
+    for v in ("version_0", "version_1"):
+        (tmp_path / "grpo" / v / "checkpoints").mkdir(parents=True)
+        (tmp_path / "grpo" / v / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    os.utime(tmp_path / "grpo" / "version_0" / "checkpoints" / "last.ckpt", (1e9, 1e9))
+    (tmp_path / "grpo" / "latest").symlink_to("version_1")
+    assert find_last_checkpoint(tmp_path, "grpo") == tmp_path / "grpo" / "version_1" / "checkpoints" / "last.ckpt"
+    assert find_last_checkpoint(tmp_path, "dpo") is None

@@ -68,5 +68,6 @@ class CheckpointOnSigterm(L.Callback):
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
     """The most recently written ``last.ckpt`` among the runs ``<save_dir>/<name>/version_*``, or None."""
-    found = [p for p in Path(save_dir, name).glob("*/checkpoints/last.ckpt") if p.is_file()]
+    runs = [d for d in Path(save_dir, name).glob("*") if d.is_dir() and not d.is_symlink()]  # not `latest`
+    found = [d / "checkpoints" / "last.ckpt" for d in runs if (d / "checkpoints" / "last.ckpt").is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
