@@ -160,3 +160,31 @@ def test_ckpt_path_last_finds_the_newest_run_and_skips_the_latest_symlink(tmp_pa
     (tmp_path / "grpo" / "latest").symlink_to("version_1")
     assert find_last_checkpoint(tmp_path, "grpo") == tmp_path / "grpo" / "version_1" / "checkpoints" / "last.ckpt"
     assert find_last_checkpoint(tmp_path, "dpo") is None
+
+
+@pytest.mark.parametrize("resume_step", [4, 8])  # in the first epoch, in the second (6 batches per epoch)
+def test_resume_mid_epoch_follows_the_same_batches_across_epoch_boundaries(resume_step, tmp_path):
+    import lightning as L
+    from conftest import datamodule, fit, tiny_arch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from resume_helpers import StepMetrics
+
+    from alignlab.algorithms import DPO
+
+    def run(name, ckpt_path=None):
+        L.seed_everything(0)
+        module = DPO(arch=tiny_arch(), lr=1e-3)
+        dm = datamodule("preference", batch_size=4, num_train=24, num_val=4, max_completion_length=24,
+                        task_args={"max_digits": 2, "scratchpad_prob": 0.5})
+        ck = ModelCheckpoint(every_n_train_steps=2, save_top_k=-1)
+        fit(module, dm, max_steps=15, root=tmp_path / name, callbacks=[ck, StepMetrics(str(tmp_path / f"{name}.jsonl"))],
+            plugins=[AtomicCheckpointIO()], ckpt_path=ckpt_path, limit_val_batches=0)
+
+    run("full")
+    ckpt = next((tmp_path / "full").rglob(f"*step={resume_step}.ckpt"))
+    run("resumed", ckpt_path=ckpt)
+    full, resumed = read_metrics(tmp_path / "full.jsonl"), read_metrics(tmp_path / "resumed.jsonl")
+    assert sorted(resumed) == list(range(resume_step + 1, 16))
+    for step in resumed:
+        assert resumed[step]["batch_idx"] == full[step]["batch_idx"]
+        assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6), step

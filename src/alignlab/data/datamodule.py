@@ -180,8 +180,7 @@ class ResumableSampler(DistributedSampler):
         self.epoch += 1
         return iter(indices)
 
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
+    # __len__ stays the whole epoch's: Lightning counts a resumed epoch's batches from the restored progress
 
 
 # -------------------------------------------------------------------------------------- the module
