@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.utils.data import DataLoader
 from resume_helpers import read_metrics
 
 from alignlab.checkpoint import AtomicCheckpointIO, find_last_checkpoint
@@ -142,14 +143,15 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------- data order
 def test_sampler_resumes_mid_epoch_and_splits_ranks():
     data = list(range(103))
-    full = list(ResumableSampler(data, seed=5))
     g = torch.Generator().manual_seed(5)
-    assert full == torch.randperm(103, generator=g).tolist()  # epoch 0 = DataLoader(shuffle, generator=seed)
+    loader = DataLoader(data, batch_size=len(data), shuffle=True, generator=g)
+    old = [next(iter(loader)).tolist() for _ in range(3)]  # the shuffled DataLoader's epochs, as Lightning ran them
     s = ResumableSampler(data, seed=5)
-    s.start(0, 40)
-    assert list(s) == full[40:] and list(s) == list(ResumableSampler(data, seed=6))  # then epoch 1 = seed + 1
+    assert [list(s) for _ in range(3)] == old  # same order as before, epoch after epoch
+    s.start(1, 40)
+    assert list(s) == old[1][40:] and list(s) == old[2]
     ranks = [list(ResumableSampler(data, num_replicas=2, rank=r, seed=5)) for r in (0, 1)]
-    assert sorted(ranks[0] + ranks[1]) == sorted(full[:102]) and ranks[0] == full[0:102:2]
+    assert ranks[0] == old[0][0:102:2] and ranks[1] == old[0][1:102:2]
 
 
 def test_ckpt_path_last_finds_the_newest_run_and_skips_the_latest_symlink(tmp_path):

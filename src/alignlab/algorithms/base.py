@@ -232,7 +232,7 @@ class PolicyModule(L.LightningModule):
         return self.trainer.world_size if self._trainer is not None else 1
 
     def setup(self, stage: str) -> None:
-        if self._world_size() > 1:  # one sampling stream per rank
+        if self.trainer.world_size > 1 and hasattr(self, "generator"):  # one sampling stream per rank
             self.generator.manual_seed(self.hparams.sampling_seed + self.global_rank)
         dm = getattr(self.trainer, "datamodule", None)
         kind = getattr(getattr(dm, "hparams", None), "kind", None)

@@ -157,25 +157,34 @@ class Collator:
 
 # ------------------------------------------------------------------------------------------ sampling
 class ResumableSampler(DistributedSampler):
-    """The training order: a permutation seeded by ``seed + epoch`` (DistributedSampler's), of which rank r
-    takes every world-th index, and which can start in the middle of an epoch.
+    """The training order as a function of (seed, epoch), of which rank r takes every world-th index, and
+    which can start in the middle of an epoch.
 
-    ``start(epoch, skip)`` makes the next pass be ``epoch``'s order without its first ``skip`` indices (of
-    this rank): a run resumed after k batches sees exactly the batches the uninterrupted run saw after k.
-    With one process and epoch 0 the order equals ``DataLoader(shuffle=True, generator=manual_seed(seed))``.
-    Lightning keeps it as it is under DDP (it is a DistributedSampler) and calls ``set_epoch`` before every
-    epoch; used outside Lightning, the epoch advances by itself after each full pass.
+    Epoch e's permutation is the one ``DataLoader(shuffle=True, generator=manual_seed(seed))`` gave for its
+    e-th epoch under Lightning (each epoch's iterator draws one int64, then ``randperm``): runs made before
+    this sampler existed keep their data order. ``start(epoch, skip)`` makes the next pass be ``epoch``'s
+    order without its first ``skip`` indices (of this rank): a run resumed after k batches sees exactly the
+    batches the uninterrupted run saw after k. Lightning keeps it under DDP (it is a DistributedSampler) and
+    calls ``set_epoch`` before each epoch; used on its own, the epoch advances after each full pass.
     """
 
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.skip = 0
 
     def start(self, epoch: int, skip: int) -> None:
         self.epoch, self.skip = epoch, skip
 
+    def permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):  # O(epoch x n), microseconds per epoch for our sizes
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            perm = torch.randperm(len(self.dataset), generator=g)
+        return perm.tolist()
+
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip :]
+        indices = self.permutation(self.epoch)[: self.total_size][self.rank :: self.num_replicas]
+        indices = indices[self.skip :]
         self.skip = 0
         self.epoch += 1
         return iter(indices)
