@@ -63,7 +63,8 @@ def trainer(devices: int, max_steps: int, callbacks=()) -> L.Trainer:
 
 def t_kwargs(devices: int, max_steps: int, callbacks=()) -> dict:
     kw = dict(accelerator="cpu", devices=devices, max_steps=max_steps, logger=False,
-              enable_checkpointing=bool(callbacks), callbacks=list(callbacks), enable_progress_bar=False,
+              enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+              callbacks=list(callbacks), enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0)
     if devices > 1:
         kw["strategy"] = "ddp"

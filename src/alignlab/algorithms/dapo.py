@@ -131,7 +131,7 @@ class DAPO(GRPO):
         epoch, batches = divmod(self._extra_drawn, per_epoch)
         sampler.start(epoch, batches * base.batch_size)
         loader = DataLoader(base.dataset, batch_size=base.batch_size, sampler=sampler, drop_last=True,
-                            collate_fn=base.collate_fn)
+                            generator=torch.Generator().manual_seed(seed), collate_fn=base.collate_fn)
         while True:
             yield from loader
 

@@ -330,7 +330,10 @@ class AlignDataModule(L.LightningDataModule):
             if batches >= sampler.num_samples // bs:  # the checkpoint closed an epoch: the next one starts
                 epoch, batches = epoch + 1, 0
             sampler.start(epoch, batches * bs)
-        return DataLoader(self.train_rows, batch_size=bs, sampler=sampler, drop_last=True,
+        # the generator only feeds the iterator's worker base seed, which would otherwise come from (and
+        # advance) the global torch RNG
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_rows, batch_size=bs, sampler=sampler, drop_last=True, generator=g,
                           num_workers=self.hparams.num_workers,
                           collate_fn=Collator(self.hparams.kind, self.tokenizer.pad_token_id))
 
