@@ -53,8 +53,9 @@ def datamodule(kind: str = "sft", tokenizer=None, **overrides) -> AlignDataModul
     return AlignDataModule(**{**kw, **overrides})
 
 
-def fit(module, dm, max_steps: int, root=None, val_every: int | None = None, **trainer_kw) -> L.Trainer:
-    """Train in process: no logger / checkpoints unless root is given."""
+def fit(module, dm, max_steps: int, root=None, val_every: int | None = None, ckpt_path=None,
+        **trainer_kw) -> L.Trainer:
+    """Train in process: no logger / checkpoints unless root is given; ckpt_path resumes a checkpoint."""
     kw = dict(max_steps=max_steps, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, check_val_every_n_epoch=None,
               val_check_interval=val_every or max_steps, limit_val_batches=1.0)
@@ -64,7 +65,7 @@ def fit(module, dm, max_steps: int, root=None, val_every: int | None = None, **t
         kw.update(default_root_dir=str(root))
     kw.update(trainer_kw)
     trainer = L.Trainer(**kw)
-    trainer.fit(module, dm)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer
 
 

@@ -42,7 +42,11 @@ def test_model_and_trainer_presets_parse(path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     preset = yaml.safe_load(path.read_text())
     for key, value in preset.get("trainer", {}).items():
-        assert printed["trainer"][key] == value
+        if isinstance(value, dict):  # a class: its class_path and the preset's init_args (defaults are added)
+            assert printed["trainer"][key]["class_path"] == value["class_path"]
+            assert value.get("init_args", {}).items() <= printed["trainer"][key]["init_args"].items()
+        else:
+            assert printed["trainer"][key] == value
     for key, value in preset.get("model", {}).get("init_args", {}).items():
         if isinstance(value, dict):
             assert value.items() <= printed["model"]["init_args"][key].items()

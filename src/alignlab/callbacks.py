@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -12,17 +13,26 @@ class HFExport(L.Callback):
     """At the end of training write ``<run dir>/hf`` (config.json, model.safetensors, tokenizer) and point
     ``<log root>/<name>/latest`` at the run, so the next stage can use ``init_from: logs/<algo>/latest/hf``.
 
-    The export never overwrites an existing one; ``latest`` is swapped atomically (a symlink rename).
+    The export never overwrites an existing one, except in a run resumed from a checkpoint (``--ckpt_path
+    last`` continues the run directory): then the new export replaces the old. ``latest`` is swapped
+    atomically (a symlink rename).
     """
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.logger is None or trainer.log_dir is None:
+        log_dir = trainer.log_dir if trainer.logger is not None else None  # a broadcast: every rank calls it
+        if not trainer.is_global_zero or log_dir is None:
             return
-        run_dir = Path(trainer.log_dir)
+        run_dir = Path(log_dir)
         out = run_dir / "hf"
         if out.exists():
-            raise FileExistsError(f"{out}: an export is already there; not overwriting it")
-        pl_module.export(out)
+            if trainer.ckpt_path is None:
+                raise FileExistsError(f"{out}: an export is already there; not overwriting it")
+            old = run_dir / f".hf.replaced.{os.getpid()}"
+            os.replace(out, old)
+            pl_module.export(out)
+            shutil.rmtree(old)
+        else:
+            pl_module.export(out)
         latest = run_dir.parent / "latest"
         tmp = run_dir.parent / f".latest.{os.getpid()}"
         if tmp.is_symlink() or tmp.exists():

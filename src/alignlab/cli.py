@@ -7,6 +7,12 @@ and nothing written: config and argument errors come from the parser or from the
 data, data-vs-model, ``--ckpt_path`` and run-directory checks run in ``before_fit``, before Lightning
 creates the run directory. A run stopped by a NaN (``model.nonfinite=stop``) is one line and exit code 1.
 ``ALIGNLAB_DEBUG=1`` restores the full messages and tracebacks.
+
+Resume::
+
+    ... --ckpt_path last        resume the newest logs/<name>/version_*/checkpoints/last.ckpt, logging on
+                                into that run's directory (its config is kept; this one goes to
+                                config.resume.yaml)
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import alignlab
 from alignlab.algorithms.base import NonFiniteError
+from alignlab.checkpoint import find_last_checkpoint
 from alignlab.data.datamodule import AlignDataModule
 
 # Errors our own checks raise (check(), DataError, hf.py, the tokenizer, the checks below).
@@ -89,6 +96,23 @@ class AlignCLI(LightningCLI):
             if found:
                 raise FileExistsError(f"{arg}: {d} already holds a run ({found[0]}); not overwriting it: pick "
                                       f"another version, or resume that run with --ckpt_path")
+
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last``: Lightning looks only in the new run's directory (a new version_N, empty), so
+        find the previous run's last.ckpt here and continue that run (same version directory)."""
+        if self.subcommand != "fit" or self.config.fit.get("ckpt_path") != "last":
+            return
+        logger = self.config.fit.trainer.get("logger")
+        if not logger or isinstance(logger, (bool, list)) or "init_args" not in logger:
+            return  # no TensorBoard run directory: Lightning's own lookup
+        args = logger.init_args
+        save_dir = args.get("save_dir") or self.config.fit.trainer.get("default_root_dir") or "."
+        last = find_last_checkpoint(save_dir, args.get("name") or "lightning_logs")
+        if last is None:
+            return  # Lightning warns "no last checkpoint" and starts fresh
+        self.config.fit.ckpt_path = str(last)
+        args.version = last.parent.parent.name
+        self.save_config_kwargs.update(config_filename="config.resume.yaml", overwrite=True)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:

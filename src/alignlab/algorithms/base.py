@@ -275,6 +275,26 @@ class PolicyModule(L.LightningModule):
         """HF-format policy + tokenizer: what the next stage (or transformers) loads."""
         self.policy.to_hf(path, tokenizer=self.tokenizer)
 
+    # ---------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Beyond what Lightning saves (weights of policy and reference, optimizer, scheduler, loops, data
+        position): the sampling generator of every rank, (world, state bytes), for an exact resume."""
+        state = self.generator.get_state()
+        checkpoint["sampling_generator"] = self.all_gather(state) if self._world_size() > 1 else state[None]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("sampling_generator")
+        if states is None:
+            return
+        if len(states) != self._world_size():
+            rank_zero_warn(f"the checkpoint holds the sampling generators of {len(states)} ranks, this run has "
+                           f"{self._world_size()}: rank r continues rank r mod {len(states)}'s stream")
+        # clone: set_state on a view with a storage offset (a row of the (world, N) tensor) segfaults
+        self.generator.set_state(states[self.global_rank % len(states)].to("cpu", torch.uint8).clone())
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
     # ------------------------------------------------------------------------ data checks
     def generation_budget(self) -> tuple[int, str]:
         """The most tokens generated after a prompt, and the arguments that set it (validation's here)."""
@@ -309,4 +329,6 @@ class PolicyModule(L.LightningModule):
                              f"init_from's max_position_embeddings); lower data.max_prompt_length or {args}")
 
     def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1 and hasattr(self, "generator"):  # one sampling stream per rank
+            self.generator.manual_seed(self.hparams.sampling_seed + self.global_rank)
         self.check_data(getattr(self.trainer, "datamodule", None))

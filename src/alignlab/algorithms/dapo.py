@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from alignlab.algorithms.base import check
 from alignlab.algorithms.grpo import GRPO
 from alignlab.algorithms.on_policy import Rollout
+from alignlab.data.datamodule import ResumableSampler
 from alignlab.rewards.rules import overlong_penalty
 
 
@@ -68,6 +69,7 @@ class DAPO(GRPO):
         check(overlong_buffer_len <= self.hparams.max_new_tokens, "overlong_buffer_len",
               f"must be <= max_new_tokens ({self.hparams.max_new_tokens}), got {overlong_buffer_len}")
         self._extra_prompts: Iterator[dict] | None = None
+        self._extra_drawn = 0  # batches drawn from it (per rank), saved in checkpoints
 
     # -- 5. soft overlong punishment, added to the task reward
     @torch.no_grad()
@@ -115,18 +117,34 @@ class DAPO(GRPO):
         if self._extra_prompts is None:
             self._extra_prompts = self._cycle()
         batch = next(self._extra_prompts)
+        self._extra_drawn += 1
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _cycle(self) -> Iterator[dict]:
+        """Epochs of a shuffle of its own (seeded per rank), starting after the ``_extra_drawn`` batches drawn
+        so far -- after a resume, exactly where the checkpointed run was."""
         dm = getattr(self.trainer, "datamodule", None)
         base = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
-        # A different shuffle than the main loop's (and per rank), seeded for reproducibility.
         seed = self.hparams.sampling_seed + 1 + 1000 * self.global_rank
-        g = torch.Generator().manual_seed(seed)
-        loader = DataLoader(base.dataset, batch_size=base.batch_size, shuffle=True, drop_last=True,
-                            generator=g, collate_fn=base.collate_fn)
+        sampler = ResumableSampler(base.dataset, seed=seed)
+        per_epoch = sampler.num_samples // base.batch_size
+        epoch, batches = divmod(self._extra_drawn, per_epoch)
+        sampler.start(epoch, batches * base.batch_size)
+        loader = DataLoader(base.dataset, batch_size=base.batch_size, sampler=sampler, drop_last=True,
+                            generator=torch.Generator().manual_seed(seed), collate_fn=base.collate_fn)
         while True:
             yield from loader
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        drawn = torch.tensor([self._extra_drawn], device=self.device)  # the refill iterator's position, per rank
+        checkpoint["dapo_extra_prompts_drawn"] = self.all_gather(drawn).reshape(-1) if self.world_size > 1 else drawn
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        drawn = checkpoint.get("dapo_extra_prompts_drawn", torch.zeros(1))
+        self._extra_drawn = int(drawn[self.global_rank % len(drawn)])
+        self._extra_prompts = None  # rebuilt at that position on first use
 
     # -- the step: as GRPO's, plus the dynamic-sampling counters
     def training_step(self, batch, batch_idx):

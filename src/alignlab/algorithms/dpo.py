@@ -154,12 +154,14 @@ class DPO(PolicyModule):
         self._policy_is_reference = False
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.ref is None:
             keys = list(self._ref_table)
             checkpoint["dpo_ref_keys"] = torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(-1, 16)
             checkpoint["dpo_ref_logps"] = torch.tensor([self._ref_table[k] for k in keys], dtype=torch.float64)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "dpo_ref_keys" in checkpoint:
             keys = [bytes(row) for row in checkpoint["dpo_ref_keys"].tolist()]
             self._ref_table = dict(zip(keys, checkpoint["dpo_ref_logps"].tolist()))

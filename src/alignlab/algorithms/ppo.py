@@ -342,9 +342,11 @@ class PPO(OnPolicyModule):
                                             self._rollout_n, self.hparams.kl_horizon)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo_kl_coef"] = self.kl_coef
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.kl_coef = float(checkpoint.get("ppo_kl_coef", self.kl_coef))
 
     # ------------------------------------------------------------------------------ logging

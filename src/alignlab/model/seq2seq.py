@@ -72,6 +72,10 @@ class Seq2SeqConfig:
         return asdict(self)
 
 
+# checkpoints hold it in their hyper-parameters; a plain dataclass, safe for torch.load(weights_only=True)
+torch.serialization.add_safe_globals([Seq2SeqConfig])
+
+
 # ------------------------------------------------------------------------------ positional encoding
 def sinusoidal_encoding(max_len: int, d_model: int) -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)). (max_len, C)"""

@@ -64,6 +64,10 @@ class TransformerConfig:
         return asdict(self)
 
 
+# checkpoints hold it in their hyper-parameters; a plain dataclass, safe for torch.load(weights_only=True)
+torch.serialization.add_safe_globals([TransformerConfig])
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as Llama/Qwen do)."""
 
