@@ -87,15 +87,18 @@ def test_mean_std_is_the_sample_std():
     assert ablation.mean_std([0.3]) == (0.3, 0.0)
 
 
-def test_plot_is_written_or_skipped_with_one_line(synthetic, tmp_path, capsys, monkeypatch):
+def test_plot_is_written_with_matplotlib(synthetic, tmp_path):
     pytest.importorskip("matplotlib")
-    ablation.summarize(synthetic, tmp_path / "with")
-    png = tmp_path / "with" / "ablation.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ablation.summarize(synthetic, tmp_path)
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "ablation.md").is_file()
+
+
+def test_plot_is_skipped_with_one_line_without_matplotlib(synthetic, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
-    capsys.readouterr()
-    ablation.summarize(synthetic, tmp_path / "without")
-    assert not (tmp_path / "without" / "ablation.png").exists()
+    ablation.summarize(synthetic, tmp_path)
+    assert not (tmp_path / "ablation.png").exists()
+    assert (tmp_path / "ablation.md").is_file()  # the table is still written
     out = capsys.readouterr().out
     assert "plot skipped: matplotlib is not installed (pip install -e '.[plot]')" in out
 

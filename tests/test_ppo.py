@@ -337,7 +337,7 @@ def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_e
     """SFT -> RM -> PPO. The rule accuracy is only monitored (rule_reward_weight 0): the policy sees the RM alone.
 
     Measured (1 thread, seed 0, 100 rollouts of 16 prompts x 8 samples, lr 3e-5, kl_coef 0.2): greedy
-    validation accuracy 0.42 -> 0.51; rollout accuracy 0.26 -> 0.32 (first vs last quarter). With lr 1e-4 and
+    validation accuracy 0.42 -> 0.52; rollout accuracy 0.26 -> 0.31 (first vs last quarter). With lr 1e-4 and
     kl_coef 0.05 the same RM is hacked (accuracy falls): the KL leash matters. We require +0.04.
     """
     start, end, acc = run_ppo(scratchpad_sft_export, reward_model=onpolicy_rm, lr=3e-5, kl_coef=0.2)
@@ -350,7 +350,7 @@ def test_ppo_with_the_rule_reward_alone_raises_accuracy(scratchpad_sft_export, r
     """PPO on verifiable rewards: no reward model, accuracy_reward is the score, the critic starts from the policy.
 
     Measured (1 thread, seed 0, 100 rollouts of 16 x 8, lr 1e-4, kl_coef 0.05): greedy validation accuracy
-    0.42 -> 0.57; rollout accuracy 0.27 -> 0.39 (first vs last quarter). We require +0.06.
+    0.42 -> 0.60; rollout accuracy 0.28 -> 0.41 (first vs last quarter). We require +0.06.
     """
     start, end, acc = run_ppo(scratchpad_sft_export)
     record(start=start, end=end, rollout_acc_start=sum(acc[:25]) / 25, rollout_acc_end=sum(acc[-25:]) / 25)
