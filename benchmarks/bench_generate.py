@@ -26,19 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import cpu_model  # benchmarks/common.py (scripts run as python benchmarks/x.py)
 
 from alignlab.model.generate import generate
 from alignlab.model.transformer import Transformer, TransformerConfig
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_prompts(batch: int, max_len: int, vocab: int, pad: int, seed: int):

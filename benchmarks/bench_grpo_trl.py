@@ -52,6 +52,7 @@ except ImportError:
 
 import lightning as L
 import torch
+from common import cpu_model  # benchmarks/common.py (scripts run as python benchmarks/x.py)
 
 from alignlab.algorithms import GRPO, SFT
 from alignlab.data.datamodule import AlignDataModule
@@ -61,16 +62,6 @@ from alignlab.rewards.rules import accuracy_reward
 ARCH = dict(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=64)  # configs/algo/sft.yaml
 TASK = dict(task="addition", task_args={"min_digits": 1, "max_digits": 2, "scratchpad_prob": 0.5},
             max_prompt_length=16, max_completion_length=24)  # configs/base.yaml
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def quiet_trainer(max_steps: int, callbacks=()) -> L.Trainer:

@@ -11,25 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import cpu_model  # benchmarks/common.py (scripts run as python benchmarks/x.py)
 
 from alignlab.algorithms import SFT
 from alignlab.model.transformer import TransformerConfig
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -87,7 +77,7 @@ def main() -> None:
     for r in runs:
         r["mfu"] = r["model_flops_per_s"] / peak
     params = sum(p.numel() for p in SFT(arch=cfg).policy.parameters())
-    out = {"torch": torch.__version__, "threads": args.threads, "cpu": cpu_name(), "params": params,
+    out = {"torch": torch.__version__, "threads": args.threads, "cpu": cpu_model(), "params": params,
            "fp32_matmul_peak_flops": peak, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
