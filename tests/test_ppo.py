@@ -237,7 +237,8 @@ def test_critic_warmup_trains_only_the_critic():
 @pytest.mark.parametrize("kw, name", [({"ppo_epochs": 0}, "ppo_epochs"), ({"kl_estimator": "k2"}, "kl_estimator"),
                                       ({"num_iterations": 2}, "num_iterations"), ({"dual_clip": 1.0}, "dual_clip"),
                                       ({"reward_model": "/nonexistent"}, "reward_model"), ({"lam": 1.5}, "lam"),
-                                      ({"critic_lr": 0.0}, "critic_lr")])
+                                      ({"critic_lr": 0.0}, "critic_lr"),
+                                      ({"rule_reward_weight": 0.0}, "rule_reward_weight")])
 def test_bad_config_names_the_argument(kw, name):
     with pytest.raises(ValueError, match=f"model.{name}"):
         PPO(arch=tiny_arch(), **kw)

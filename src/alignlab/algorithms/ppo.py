@@ -194,6 +194,9 @@ class PPO(OnPolicyModule):
         self.hparams["num_iterations"] = ppo_epochs
         if rule_reward_weight is None:
             rule_reward_weight = 0.0 if reward_model is not None else 1.0
+        check(reward_model is not None or rule_reward_weight != 0, "rule_reward_weight",
+              "is 0 and there is no reward_model: every score would be 0 (drop the key: it defaults to 1 "
+              "without a reward model)")
         self.rule_reward_weight = float(rule_reward_weight)
         self.kl_coef = float(kl_coef)  # the adaptive controller's state (saved in checkpoints)
 
