@@ -31,7 +31,6 @@ from alignlab.data.tokenizer import load_tokenizer
 from alignlab.losses.lm import masked_mean
 from alignlab.model.generate import GenerationOutput
 from alignlab.model.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from alignlab.rewards.rules import accuracy_reward
 
 
 def noam_lr(step: int, d_model: int, warmup_steps: int, lr_scale: float = 1.0) -> float:
@@ -163,26 +162,12 @@ class Seq2Seq(L.LightningModule):
         self.model.train(was_training)
         return out
 
-    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)]
-
     # --------------------------------------------------------------------------- validation
-    def validation_step(self, batch, batch_idx):
-        out = self.generate(batch["prompt_ids"], batch["prompt_mask"], self.hparams.val_max_new_tokens, greedy=True)
-        completions = self.decode(out.completion_ids, out.completion_mask)
-        correct = torch.tensor(accuracy_reward(batch["prompt"], completions, batch["answer"]), device=self.device)
-        self.val_accuracy.update(correct)
-        for p, c, a, r in zip(batch["prompt"], completions, batch["answer"], correct.tolist()):
-            if len(self._val_samples) < self.hparams.num_logged_samples:
-                self._val_samples.append((p, c, a, r))
-        return correct.mean()
-
-    def on_validation_epoch_end(self):
-        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
-        self.val_accuracy.reset()
-        self.log_text("val/samples", ["source", "output", "answer", "correct"], self._val_samples)
-        self._val_samples = []
-
+    # The same greedy-generation validation as every PolicyModule (val/accuracy + a table of samples): those
+    # methods only need self.generate (above), the tokenizer, val_accuracy and the val_* hyper-parameters.
+    decode = PolicyModule.decode
+    validation_step = PolicyModule.validation_step
+    on_validation_epoch_end = PolicyModule.on_validation_epoch_end
     log_text = PolicyModule.log_text  # the same markdown table in TensorBoard's Text tab
     setup = PolicyModule.setup  # the same data.kind check: seq2seq trains on sft rows
     check_data = PolicyModule.check_kind
