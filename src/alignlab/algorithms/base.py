@@ -280,19 +280,21 @@ class PolicyModule(L.LightningModule):
         """Beyond what Lightning saves (weights of policy and reference, optimizer, scheduler, loops, data
         position): the sampling generator of every rank, (world, state bytes), for an exact resume."""
         state = self.generator.get_state()
-        checkpoint["sampling_generator"] = self.all_gather(state) if self._world_size() > 1 else state[None]
+        checkpoint["sampling_generator"] = self.all_gather(state) if self.world_size > 1 else state[None]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         states = checkpoint.get("sampling_generator")
         if states is None:
             return
-        if len(states) != self._world_size():
+        if len(states) != self.world_size:
             rank_zero_warn(f"the checkpoint holds the sampling generators of {len(states)} ranks, this run has "
-                           f"{self._world_size()}: rank r continues rank r mod {len(states)}'s stream")
+                           f"{self.world_size}: rank r continues rank r mod {len(states)}'s stream")
         # clone: set_state on a view with a storage offset (a row of the (world, N) tensor) segfaults
         self.generator.set_state(states[self.global_rank % len(states)].to("cpu", torch.uint8).clone())
 
-    def _world_size(self) -> int:
+    @property
+    def world_size(self) -> int:
+        """Number of DDP processes (1 before the module is attached to a Trainer)."""
         return self.trainer.world_size if self._trainer is not None else 1
 
     # ------------------------------------------------------------------------ data checks

@@ -197,10 +197,6 @@ class OnPolicyModule(PolicyModule):
         self.rollout_skipped = False  # was the last rollout dropped for non-finite rewards?
 
     # --------------------------------------------------------------------------- helpers
-    @property
-    def world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
-
     def global_sum(self, x: torch.Tensor | float) -> torch.Tensor:
         """Sum over DDP ranks (the local value on one device)."""
         x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
