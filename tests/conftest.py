@@ -113,11 +113,11 @@ def scratchpad_sft_export(tmp_path_factory):
     return str(path)
 
 
-def rl_learning_run(cls, path: str, steps: int = 100, **overrides) -> tuple[float, float, list[float]]:
+def rl_learning_run(cls, path: str, record, steps: int = 100, **overrides) -> tuple[float, float, float, float]:
     """An online-RL learning run on the scratchpad task from the SFT export at ``path``.
 
-    16 prompts x 8 samples per step, lr 1e-4, L_max 24. Returns the greedy validation accuracy before and
-    after, and ``completions/mean_length`` of every step.
+    16 prompts x 8 samples per step, lr 1e-4, L_max 24. Returns (and records) the greedy validation accuracy
+    before and after, and the mean ``completions/mean_length`` of the first 10 and the last 20 steps.
     """
     L.seed_everything(0)
     kw = dict(init_from=path, num_generations=8, lr=1e-4, max_new_tokens=24, val_max_new_tokens=24, **overrides)
@@ -131,4 +131,6 @@ def rl_learning_run(cls, path: str, steps: int = 100, **overrides) -> tuple[floa
             lengths.append(float(trainer.callback_metrics["completions/mean_length"]))
 
     fit(module, dm, max_steps=steps, callbacks=[Lengths()])
-    return start, val_accuracy(module, dm), lengths
+    end, length_start, length_end = val_accuracy(module, dm), sum(lengths[:10]) / 10, sum(lengths[-20:]) / 20
+    record(start=start, end=end, length_start=length_start, length_end=length_end)
+    return start, end, length_start, length_end
