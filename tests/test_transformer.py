@@ -4,8 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import alignlab.model.transformer as transformer_module
 from alignlab.model.transformer import (
-    KVCache, RMSNorm, Transformer, TransformerConfig, attention_mask_4d, position_ids_from_mask, rope_inv_freq,
+    KVCache,
+    Packing,
+    PrefixCache,
+    RMSNorm,
+    Transformer,
+    TransformerConfig,
+    attention_mask_4d,
+    position_ids_from_mask,
+    rope_inv_freq,
 )
 
 
@@ -62,6 +71,87 @@ def test_right_padding_does_not_change_real_logits():
     mask = torch.tensor([[1] * 6 + [0] * 5])
     with torch.no_grad():
         torch.testing.assert_close(m(padded, mask)[:, :6], m(x), atol=1e-5, rtol=1e-5)
+
+
+def grads(m: Transformer, out: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+    return torch.autograd.grad((out * weight).sum(), list(m.parameters()))
+
+
+def assert_grads_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5 * float(y.abs().max()) + 1e-7, rtol=1e-4)
+
+
+def test_packing_pads_and_unpads_real_tokens():
+    real = torch.tensor([[0, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    p = Packing(real)
+    x = torch.arange(6.0).view(2, 3, 1)
+    assert p.unpad(x).flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert p.pad(p.unpad(x)).flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 0.0]
+
+
+def test_padded_batch_gives_each_rows_logits_and_gradients():
+    """With padding in the batch the projections/MLPs run on real tokens only (Packing); logits and
+    gradients of the real tokens equal those of each row run alone without padding."""
+    m = model(qkv_bias=True)
+    rows = [torch.randint(3, 97, (1, n)) for n in (7, 4, 9)]
+    T = 9
+    ids = torch.stack([torch.cat([r[0], torch.randint(0, 97, (T - r.shape[1],))]) for r in rows])  # right pad
+    mask = (torch.arange(T) < torch.tensor([7, 4, 9])[:, None]).long()
+    w = torch.randn(3, T, 97, generator=torch.Generator().manual_seed(0)) * mask[..., None]
+    batched = m(ids, mask)
+    alone = [m(r) for r in rows]
+    for b, r in enumerate(alone):
+        torch.testing.assert_close(batched[b, : r.shape[1]], r[0], atol=1e-5, rtol=1e-5)
+    g_batched = grads(m, batched, w)
+    g_alone = torch.autograd.grad(sum((r * w[b, : r.shape[1]]).sum() for b, r in enumerate(alone)), list(m.parameters()))
+    assert_grads_close(g_batched, g_alone)
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "qkv_bias": True}])
+def test_prefix_cache_shares_a_prompt_with_the_same_logits_and_gradients(kw):
+    """U prompts through the model once, their keys/values selected for B rows: the completions' logits and the
+    gradients (summed into the shared prompt) equal one forward over each row's prompt + completion."""
+    m = model(**kw)
+    g = torch.Generator().manual_seed(1)
+    U, P, C = 3, 5, 6
+    pmask = (torch.arange(P) >= torch.tensor([2, 0, 1])[:, None]).long()  # left-padded prompts
+    prompts = torch.randint(3, 97, (U, P), generator=g) * pmask
+    index = torch.tensor([1, 0, 2, 1, 0, 1])  # B = 6 rows, prompt of each
+    cmask = (torch.arange(C) < torch.tensor([6, 3, 1, 4, 6, 2])[:, None]).long()  # right-padded completions
+    comp = torch.randint(3, 97, (6, C), generator=g) * cmask
+    mask = torch.cat([pmask[index], cmask], 1)
+    full = m(torch.cat([prompts[index], comp], 1), mask)[:, P:]
+    cache = PrefixCache()
+    m(prompts, pmask, cache=cache)
+    cache.select_rows(index)
+    assert cache.length == P and cache.k[0].shape[0] == 6
+    shared = m(comp, mask, cache=cache)
+    w = torch.randn(6, C, 97, generator=g) * cmask[..., None]
+    torch.testing.assert_close(shared * cmask[..., None], full * cmask[..., None], atol=1e-5, rtol=1e-5)
+    assert_grads_close(grads(m, shared, w), grads(m, full, w))
+
+
+def test_eager_and_fused_attention_agree(monkeypatch):
+    """Short sequences on the CPU take the eager path; it must equal F.scaled_dot_product_attention (GQA,
+    causal without a mask, padding masks, decoding with a cache)."""
+    m = model()
+    ids = torch.randint(3, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        eager = [m(ids), m(ids, mask)]
+        cache = KVCache(m.config, 2, 11, torch.float32, None)
+        m(ids, mask, cache=cache)
+        eager.append(m(ids[:, :1], torch.cat([mask, mask[:, :1]], 1), cache=cache))
+        monkeypatch.setattr(transformer_module, "EAGER_ATTENTION_MAX_KEYS", 0)
+        fused = [m(ids), m(ids, mask)]
+        cache = KVCache(m.config, 2, 11, torch.float32, None)
+        m(ids, mask, cache=cache)
+        fused.append(m(ids[:, :1], torch.cat([mask, mask[:, :1]], 1), cache=cache))
+    eager[1], fused[1] = eager[1] * mask[..., None], fused[1] * mask[..., None]
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_loss_at_init_is_about_ln_vocab():
