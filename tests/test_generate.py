@@ -46,6 +46,23 @@ def test_sampling_is_seedable_and_logprobs_match_forward():
     torch.testing.assert_close(a.logprobs, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_num_samples_prefills_once_and_equals_repeated_prompts():
+    """num_samples=G: rows b*G .. b*G+G-1 sample prompt b; the same as repeating each prompt G times."""
+    m = model()
+    ids, mask = prompts()
+    calls = []
+    forward = m.forward
+    m.forward = lambda x, *a, **k: (calls.append(tuple(x.shape)), forward(x, *a, **k))[1]
+    a = generate(m, ids, mask, 6, EOS, PAD, temperature=0.9, generator=torch.Generator().manual_seed(5), num_samples=3)
+    assert calls[0] == (2, 5)  # the prefill: each prompt once
+    assert all(c == (6, 1) for c in calls[1:2])  # then every sample decodes
+    b = generate(m, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), 6, EOS, PAD, temperature=0.9,
+                 generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    assert len({tuple(r.tolist()) for r in a.completion_ids[:3]}) > 1  # the copies sample independently
+
+
 def test_rows_stop_at_eos_and_batch_stops_when_all_done():
     m = model()
     ids, mask = prompts()

@@ -52,22 +52,43 @@ def snapshot(model) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------- fixed log-probs
-def test_reference_logps_in_trimmed_length_sorted_chunks_equal_one_padded_forward():
-    module = GRPO(arch=tiny_arch(), num_generations=2)
+def test_reference_logps_in_trimmed_grouped_chunks_equal_one_padded_forward():
+    """Chunks of micro_batch_size rows, a group's rows together (their prompt computed once), each trimmed of
+    padding: the same log-probs as one padded forward of every row's prompt + completion."""
+    module = GRPO(arch=tiny_arch(), num_generations=2, micro_batch_size=4)
     g = torch.Generator().manual_seed(0)
-    N, P, C = 7, 6, 9
-    prompt_mask = (torch.arange(P) >= torch.tensor([2, 0, 3, 1, 2, 0, 3])[:, None]).long()  # left padding
-    lengths = torch.tensor([9, 2, 5, 1, 9, 3, 4])
-    completion_mask = (torch.arange(C) < lengths[:, None]).long()  # ragged: chunks get trimmed
-    r = Rollout(prompt_ids=torch.randint(4, 128, (N, P), generator=g) * prompt_mask, prompt_mask=prompt_mask,
+    N, P, C = 8, 6, 9
+    prompt_index = torch.tensor([2, 0, 1, 0, 3, 1, 2, 3])  # 4 prompts x 2 rows, shuffled
+    starts = torch.tensor([2, 0, 3, 1])[prompt_index]  # left padding of each prompt
+    prompt_mask = (torch.arange(P) >= starts[:, None]).long()
+    prompt_ids = (torch.randint(4, 128, (4, P), generator=g)[prompt_index]) * prompt_mask
+    lengths = torch.tensor([3, 2, 5, 1, 2, 3, 4, 1])  # max 5 < C: every chunk is trimmed
+    completion_mask = (torch.arange(C) < lengths[:, None]).long()
+    r = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                 completion_ids=torch.randint(4, 128, (N, C), generator=g) * completion_mask,
-                completion_mask=completion_mask, truncated=lengths == C, prompts=[""] * N, completions=[""] * N)
+                completion_mask=completion_mask, truncated=lengths == C, prompts=[""] * N, completions=[""] * N,
+                prompt_index=prompt_index)
     with torch.no_grad():
         full = module.completion_logps(module.ref, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
-    chunked = module.logps_no_grad(module.ref, r, chunk=3)
+    chunks = module.row_chunks(r, 4)
+    assert [sorted(prompt_index[c].tolist()) for c in chunks] == [[0, 0, 1, 1], [2, 2, 3, 3]]
+    chunked = module.logps_no_grad(module.ref, r)
     real = completion_mask.bool()
     torch.testing.assert_close(chunked[real], full[real], atol=1e-5, rtol=1e-5)
-    assert chunked.shape == (N, C) and (chunked[[3, 1, 5], 3:] == 0).all()  # the shortest chunk was trimmed
+    assert chunked.shape == (N, C) and (chunked[:, 5:] == 0).all()  # trimmed columns: padding only
+
+
+def test_rollout_cat_keeps_prompt_groups_distinct():
+    """DAPO concatenates rounds whose prompt_index both start at 0: after cat, groups stay apart."""
+    def part(n_prompts, C):
+        N = 2 * n_prompts
+        return Rollout(prompt_ids=torch.ones(N, 3, dtype=torch.long), prompt_mask=torch.ones(N, 3, dtype=torch.long),
+                       completion_ids=torch.ones(N, C, dtype=torch.long), completion_mask=torch.ones(N, C, dtype=torch.long),
+                       truncated=torch.zeros(N, dtype=torch.bool), prompts=[""] * N, completions=[""] * N,
+                       prompt_index=torch.arange(n_prompts).repeat_interleave(2))
+    r = Rollout.cat([part(2, 4), part(3, 2), part(1, 5)])
+    assert r.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert r.completion_ids.shape == (12, 5)
 
 
 def ragged_rollout(module, batch) -> Rollout:

@@ -31,7 +31,7 @@ from torchmetrics import MeanMetric
 from alignlab.data.tokenizer import load_tokenizer
 from alignlab.losses.lm import entropy_from_logits, selective_log_softmax
 from alignlab.model.generate import GenerationOutput, generate
-from alignlab.model.transformer import Transformer, TransformerConfig
+from alignlab.model.transformer import PrefixCache, Transformer, TransformerConfig
 from alignlab.rewards.rules import accuracy_reward
 
 
@@ -130,17 +130,40 @@ class PolicyModule(L.LightningModule):
         return self.tokenizer.pad_token_id
 
     # -------------------------------------------------------------------------- log-probs
-    def completion_logits(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        """Logits that predict each completion token: (B, C, V), one forward over prompt + completion."""
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    def completion_logits(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          prompt_index: torch.Tensor | None = None):
+        """Logits that predict each completion token: (B, C, V).
+
+        Without ``prompt_index``: one forward over prompt + completion. With it, (B,) ids where equal ids
+        mean the same prompt (a GRPO group): each distinct prompt goes through the model once, its keys and
+        values are shared by its rows' completions (``PrefixCache``), and gradients add up in the prompt.
+        Same logits and gradients, (B - U) x P fewer token positions computed (U distinct prompts).
+        """
         C = completion_ids.shape[1]
-        return model(ids, mask, logits_to_keep=C + 1)[:, :-1]
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        if prompt_index is not None:
+            uniq, inverse = torch.unique(prompt_index, return_inverse=True)
+        if prompt_index is None or len(uniq) == len(prompt_index):
+            ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            return model(ids, mask, logits_to_keep=C + 1)[:, :-1]
+        rows = torch.arange(len(inverse), device=inverse.device)
+        first = torch.full_like(uniq, len(inverse)).scatter_reduce(0, inverse, rows, "amin")  # a row per prompt
+        cache = PrefixCache()
+        last = model(prompt_ids[first], prompt_mask[first], cache=cache, logits_to_keep=1)  # predicts token 0
+        last = last.index_select(0, inverse)
+        if C == 1:
+            return last
+        cache.select_rows(inverse)
+        rest = model(completion_ids[:, :-1], mask[:, :-1], cache=cache)  # predict tokens 1 .. C-1
+        return torch.cat([last, rest], dim=1)
 
     def completion_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                         temperature: float = 1.0, with_entropy: bool = False):
-        """Per-token log-probs of the completion under softmax(logits / temperature): (B, C) [, entropy]."""
-        logits = self.completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+                         temperature: float = 1.0, with_entropy: bool = False,
+                         prompt_index: torch.Tensor | None = None):
+        """Per-token log-probs of the completion under softmax(logits / temperature): (B, C) [, entropy].
+        ``prompt_index``: see ``completion_logits``."""
+        logits = self.completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                        prompt_index)
         logits = logits.float() / temperature
         logps = selective_log_softmax(logits, completion_ids)
         if not with_entropy:
@@ -157,12 +180,14 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------------- generation
     def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, greedy: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> GenerationOutput:
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1
+                 ) -> GenerationOutput:
         was_training = self.policy.training
         self.policy.eval()
         out = generate(self.policy, prompt_ids, prompt_mask, max_new_tokens, self.eos_id, self.pad_id,
                        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                       generator=self.generator if prompt_ids.device.type == "cpu" else None)
+                       generator=self.generator if prompt_ids.device.type == "cpu" else None,
+                       num_samples=num_samples)
         self.policy.train(was_training)
         return out
 

@@ -107,7 +107,7 @@ class GRPO(OnPolicyModule):
         mask = mb.loss_mask
         logp, entropy = self.completion_logps(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
                                               mb.completion_mask, temperature=self.hparams.temperature,
-                                              with_entropy=True)
+                                              with_entropy=True, prompt_index=mb.prompt_index)
         logp_old = mb.logp_old if mb.logp_old is not None else logp.detach()  # ratio == 1 by design
 
         per_token, metrics = clipped_surrogate(logp, logp_old, mb.advantages, mask,

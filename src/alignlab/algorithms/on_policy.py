@@ -59,6 +59,7 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
     prompts: list[str]  # (N,)
     completions: list[str]  # (N,)
+    prompt_index: torch.Tensor | None = None  # (N,) rows with equal values share one prompt (a group)
     columns: dict[str, list] = field(default_factory=dict)  # extra dataset columns, (N,) each
     rewards: torch.Tensor | None = None  # (N,) weighted sum of the reward functions
     rewards_per_func: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) raw values
@@ -112,6 +113,9 @@ class Rollout:
         out = {}
         for f in fields(Rollout):
             vals = [getattr(p, f.name) for p in parts]
+            if f.name == "prompt_index" and vals[0] is not None:  # distinct across parts
+                offsets = [0] + [int(v.max()) + 1 if len(v) else 0 for v in vals[:-1]]
+                vals = [v + off for v, off in zip(vals, torch.tensor(offsets).cumsum(0).tolist())]
             if vals[0] is None:
                 out[f.name] = None
             elif isinstance(vals[0], torch.Tensor):
@@ -166,9 +170,9 @@ class OnPolicyModule(PolicyModule):
             reward_weights: one weight per reward function (default all 1.0); the reward is the weighted sum.
             num_iterations: mu, passes over each rollout (mu > 1 reuses it: ratios move away from 1).
             minibatches: optimizer steps per pass; the rollout's completions are split into this many parts.
-            micro_batch_size: completions per forward/backward (None = a whole minibatch): a minibatch is
-                split into micro-batches of similar completion length, each trimmed of its padding, whose
-                gradients add up to the same update (less padding computed, less memory).
+            micro_batch_size: completions per forward (None = a whole minibatch): a minibatch is split into
+                micro-batches, a group's completions kept together, whose gradients add up to the same update
+                (less memory; the fixed log-probs of ``prepare`` use the same chunks).
             log_completions_every_n_steps: write sample completions with rewards to TensorBoard every n steps.
         """
         super().__init__(**kwargs)
@@ -228,10 +232,10 @@ class OnPolicyModule(PolicyModule):
     def rollout(self, batch: dict) -> Rollout:
         """Repeat each prompt G times (groups are consecutive) and sample one completion per row."""
         G, h = self.hparams.num_generations, self.hparams
+        out = self.generate(batch["prompt_ids"], batch["prompt_mask"], h.max_new_tokens, temperature=h.temperature,
+                            top_k=h.top_k, top_p=h.top_p, num_samples=G)  # each prompt prefilled once
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)
-        out = self.generate(prompt_ids, prompt_mask, h.max_new_tokens, temperature=h.temperature,
-                            top_k=h.top_k, top_p=h.top_p)
         skip = {"prompt_ids", "prompt_mask", "prompt"}
         columns = {k: [x for x in v for _ in range(G)] for k, v in batch.items()
                    if k not in skip and isinstance(v, list)}
@@ -239,6 +243,7 @@ class OnPolicyModule(PolicyModule):
             prompt_ids=prompt_ids, prompt_mask=prompt_mask,
             completion_ids=out.completion_ids, completion_mask=out.completion_mask, truncated=out.truncated,
             prompts=[p for p in batch["prompt"] for _ in range(G)],
+            prompt_index=torch.arange(len(batch["prompt"]), device=prompt_ids.device).repeat_interleave(G),
             completions=self.decode(out.completion_ids, out.completion_mask),
             columns=columns,
         )
@@ -290,24 +295,31 @@ class OnPolicyModule(PolicyModule):
         if self.reuses_rollout():
             r.logp_old = self.logps_no_grad(self.policy, r)
 
+    def row_chunks(self, r: Rollout, size: int | None) -> list[torch.Tensor]:
+        """Row indices in chunks of ``size`` (None = one chunk), a group's rows together so that they share
+        one prompt computation (``completion_logits``). Padding costs nothing outside attention (the model
+        packs real tokens), so chunks are for memory only."""
+        order = torch.arange(len(r)) if r.prompt_index is None else torch.argsort(r.prompt_index.cpu(), stable=True)
+        return [order] if size is None or size >= len(r) else list(order.split(size))
+
     @torch.no_grad()
-    def logps_no_grad(self, model, r: Rollout, chunk: int = 32) -> torch.Tensor:
-        """Per-token log-probs (N, C) of a fixed model, in chunks of rows of similar completion length,
-        each without the padding columns it does not need (0 where a chunk was trimmed: padding only)."""
+    def logps_no_grad(self, model, r: Rollout) -> torch.Tensor:
+        """Per-token log-probs (N, C) of a fixed model, in chunks of ``micro_batch_size`` rows, each trimmed
+        of the padding columns it does not need (0 where a chunk was trimmed: padding only)."""
         out = torch.zeros(r.completion_ids.shape, device=r.completion_ids.device)
-        for idx in torch.argsort(r.lengths, stable=True).split(chunk):
+        for idx in self.row_chunks(r, self.micro_batch_size):
             mb = r.select(idx).trimmed()
             out[idx.to(out.device), : mb.completion_ids.shape[1]] = self.completion_logps(
                 model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                temperature=self.hparams.temperature)
+                temperature=self.hparams.temperature, prompt_index=mb.prompt_index)
         return out
 
     def micro_batches(self, mb: Rollout) -> list[Rollout]:
-        """mb in length-sorted micro-batches of ``micro_batch_size`` rows trimmed of padding (or mb itself)."""
+        """mb in micro-batches of ``micro_batch_size`` rows (groups together), trimmed of padding (or mb itself)."""
         size = self.micro_batch_size
         if size is None or size >= len(mb):
             return [mb]
-        return [mb.select(idx).trimmed() for idx in torch.argsort(mb.lengths, stable=True).split(size)]
+        return [mb.select(idx).trimmed() for idx in self.row_chunks(mb, size)]
 
     # ------------------------------------------------------------------------------ loss
     # metrics of compute_loss that are shares of the minibatch's aggregate (summed over micro-batches);

@@ -316,7 +316,7 @@ class PPO(OnPolicyModule):
             return h.vf_coef * vf_loss, metrics
 
         logits = self.completion_logits(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                        mb.completion_mask).float() / h.temperature
+                                        mb.completion_mask, mb.prompt_index).float() / h.temperature
         logp = selective_log_softmax(logits, mb.completion_ids)
         with torch.set_grad_enabled(h.entropy_coef > 0 and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits)

@@ -1,6 +1,7 @@
 """Batched sampling on the KV cache.
 
 One prefill pass over the (left-padded) prompts fills the cache, then one token per step for every row.
+With ``num_samples=G`` each prompt is prefilled once and its cache rows repeated G times (a GRPO group).
 Each row stops at EOS (later positions are padding with mask 0); the loop stops when every row is done.
 Once a quarter of the rows in the batch are done, they are dropped from it (and from the KV cache), so
 a batch of ragged lengths does not keep paying for finished rows.
@@ -57,13 +58,19 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    num_samples: int = 1,
 ) -> GenerationOutput:
-    """Sample up to ``max_new_tokens`` for each left-padded prompt (B, P). See ``GenerationOutput``."""
+    """Sample up to ``max_new_tokens`` for each left-padded prompt (B, P), ``num_samples`` times each
+    (rows b * num_samples ... (b + 1) * num_samples - 1 of the output). See ``GenerationOutput``."""
     if temperature <= 0 and not greedy:
         raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True")
-    B, P = prompt_ids.shape
-    device = prompt_ids.device
-    cache = KVCache(model.config, B, P + max_new_tokens, next(model.parameters()).dtype, device)
+    P, device = prompt_ids.shape[1], prompt_ids.device
+    cache = KVCache(model.config, prompt_ids.shape[0], P + max_new_tokens, next(model.parameters()).dtype, device)
+    logits = model(prompt_ids, prompt_mask, cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
+    if num_samples > 1:  # the prefill is shared; each copy samples on its own
+        cache.repeat_rows(num_samples)
+        logits, prompt_mask = logits.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+    B = prompt_mask.shape[0]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, P + N)
 
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -71,7 +78,6 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)  # the batch row of each row still in the cache
     n_steps = 0
-    logits = model(prompt_ids, mask[:, :P], cache=cache, logits_to_keep=1)[:, -1]  # (b, V)
     for t in range(max_new_tokens):
         logits = logits.float()
         if greedy:
