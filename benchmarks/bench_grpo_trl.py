@@ -1,32 +1,36 @@
 """GRPO training steps per second: our GRPO (Lightning) vs TRL's ``GRPOTrainer``, same model, same prompts.
 
     .venv/bin/pip install -e ".[bench]" "torch==2.13.0"       # TRL is a benchmark extra, never a dependency
-    python benchmarks/bench_grpo_trl.py [--steps 20] [--warmup 3] [--init-from DIR] [--sft-steps 300]
+    python benchmarks/bench_grpo_trl.py [--model default|6m] [--bf16] [--steps 20] [--warmup 3] [--init-from DIR]
 
-The model is the default SFT size (dim 256, 6 layers, 8 heads, char vocab 128). Unless ``--init-from`` names
-an HF export, it is first SFT-trained in process for ``--sft-steps`` steps on the scratchpad addition task
-(0 = random init), then exported once with ``to_hf``: ours loads it with ``GRPO(init_from=...)``, TRL with
-``AutoModelForCausalLM.from_pretrained`` -- identical weights and tokenizer on both sides.
+``--model default`` is the model ``make train ALGO=grpo`` trains (dim 64, 2 layers, 0.1M parameters: per-operation
+overhead dominates a step); ``--model 6m`` is dim 256, 6 layers, 4.9M parameters (the step is bound by matmul
+throughput). Unless ``--init-from`` names an HF export, the model is first SFT-trained in process on the
+scratchpad addition task (``--sft-steps``, 0 = random init), then exported once with ``to_hf``: ours loads it
+with ``GRPO(init_from=...)``, TRL with ``AutoModelForCausalLM.from_pretrained`` -- identical weights and
+tokenizer on both sides.
 
 Both sides run the same ``warmup + steps`` GRPO steps, in the same order of prompts (TRL with
 ``shuffle_dataset=False`` on the prompts our DataLoader serves), with the same G, prompts per step, max
 completion length, temperature, beta (k3 KL to a frozen reference), epsilon, learning rate (constant,
 AdamW betas (0.9, 0.95), no weight decay, grad-norm clip 1.0), one update per rollout, group-scaled
-advantages, seq-mean-token-mean aggregation (TRL ``loss_type="grpo"``), fp32, no gradient checkpointing
-(TRL defaults to bf16 and checkpointing: both are switched off to compare the same arithmetic), the same
+advantages, seq-mean-token-mean aggregation (TRL ``loss_type="grpo"``), no gradient checkpointing, the same
+precision (fp32, or ``--bf16``: bf16 autocast with fp32 weights on both sides, TRL's own default), the same
 reward function (``alignlab.rewards.rules.accuracy_reward``: our reward contract is TRL's, so it is passed
 unchanged) and the same number of torch threads. A step is timed end to end, from the end of the previous
 step to the end of this one (Lightning ``on_train_batch_end`` / HF ``on_step_end``): generation, reward,
 the reference forward, the policy forward + backward and the optimizer step, plus each framework's own
 overhead. The first ``--warmup`` steps are not timed. The reward of each step is its batch mean.
 
-One difference is ours by design: ``--micro-batch-size`` (default 32) runs our forward/backward in
-length-sorted micro-batches trimmed of padding, whose gradients add up to the same optimizer step on the
-same 128 completions (``micro_batch_size`` of OnPolicyModule; 0 = one padded pass, as TRL does). TRL has
-no length bucketing (its gradient accumulation splits a shuffled batch, which saves no padding).
+Where the difference comes from (all exact: same samples distribution, same loss and gradients): each
+prompt is prefilled once for its G samples and goes through the policy and the reference once per group
+(its keys/values shared by the G completions, ``PrefixCache``); padding is never computed outside
+attention (``Packing``); short sequences use eager attention on the CPU. ``--micro-batch-size`` (default
+0 = one pass) splits our forward/backward into micro-batches whose gradients add up to the same step.
 
-Ours runs first, then TRL (not interleaved: each is one training run); the machine's load average before and
-after each run is recorded, since other processes on the machine slow both sides. Each step's process CPU
+Each side runs ``--repeats`` times, alternating (ours, TRL, ours, TRL, ...), and the median run of each side
+is reported (every run is kept in the JSON): this machine's speed drifts by 10-20% from minute to minute.
+The machine's load average before and after each run is recorded, since other processes slow both sides. Each step's process CPU
 time is recorded as well: on a shared machine it measures the work done, where wall time also counts the
 wait for a core (and, with 2+ threads on an oversubscribed machine, every OpenMP barrier: use --threads 1).
 """
@@ -59,22 +63,30 @@ from alignlab.data.datamodule import AlignDataModule
 from alignlab.model.transformer import TransformerConfig
 from alignlab.rewards.rules import accuracy_reward
 
-ARCH = dict(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=64)  # configs/algo/sft.yaml
+MODELS = {  # --model: architecture, SFT learning rate and default SFT steps
+    # the laptop default (configs/algo/sft.yaml): small enough that per-operation overhead dominates
+    "default": (dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=64), 3e-3, 800),
+    # 4.9M parameters: the step is bound by matmul throughput
+    "6m": (dict(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=64), 1e-3, 300),
+}
 TASK = dict(task="addition", task_args={"min_digits": 1, "max_digits": 2, "scratchpad_prob": 0.5},
             max_prompt_length=16, max_completion_length=24)  # configs/base.yaml
 
 
-def quiet_trainer(max_steps: int, callbacks=()) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+def quiet_trainer(max_steps: int, callbacks=(), precision: str = "32-true") -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision=precision, logger=False,
+                     enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      limit_val_batches=0, callbacks=list(callbacks))
 
 
 # ------------------------------------------------------------------------------------------ the model
-def sft_export(out: Path, steps: int, seed: int) -> dict:
-    """Quick SFT of the default-size model on the scratchpad addition task (steps=0: random init) -> HF dir."""
+def sft_export(out: Path, model: str, steps: int | None, seed: int) -> dict:
+    """SFT of ``model`` on the scratchpad addition task (steps=0: random init) -> HF dir."""
+    arch, lr, default_steps = MODELS[model]
+    steps = default_steps if steps is None else steps
     L.seed_everything(seed, verbose=False)
-    module = SFT(arch=TransformerConfig(**ARCH), lr=1e-3, warmup_steps=min(50, steps // 5), lr_schedule="cosine")
+    module = SFT(arch=TransformerConfig(**arch), lr=lr, warmup_steps=min(50, steps // 5), lr_schedule="cosine")
     t0 = time.perf_counter()
     if steps > 0:
         dm = AlignDataModule(kind="sft", batch_size=64, num_train=20000, num_val=200, **TASK)
@@ -146,7 +158,7 @@ def run_ours(model_dir: str, cfg: dict, dm: AlignDataModule, max_steps: int) -> 
     steps = LightningSteps()
     load = os.getloadavg()[0]
     steps.ends, steps.cpu = [time.perf_counter()], [time.process_time()]
-    quiet_trainer(max_steps, [steps]).fit(module, dm)
+    quiet_trainer(max_steps, [steps], "bf16-mixed" if cfg["bf16"] else "32-true").fit(module, dm)
     return steps, {"load_avg_1min_before": round(load, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2)}
 
 
@@ -163,7 +175,7 @@ def run_trl(model_dir: str, cfg: dict, rows: list[dict], max_steps: int, out_dir
         "input_ids"], "TRL would see different prompt ids than ours"
     G = cfg["num_generations"]
     args = GRPOConfig(
-        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        output_dir=out_dir, use_cpu=True, bf16=cfg["bf16"], fp16=False, gradient_checkpointing=False,
         seed=cfg["seed"], max_steps=max_steps, per_device_train_batch_size=cfg["prompts_per_step"] * G,
         gradient_accumulation_steps=1, num_generations=G, max_completion_length=cfg["max_completion_length"],
         temperature=cfg["temperature"], top_k=0, top_p=1.0, beta=cfg["beta"], epsilon=cfg["epsilon"],
@@ -188,27 +200,32 @@ def run_trl(model_dir: str, cfg: dict, rows: list[dict], max_steps: int, out_dir
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--out", default="benchmarks/results/grpo_vs_trl.json")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/grpo_vs_trl_<model>[_bf16].json")
+    p.add_argument("--model", choices=sorted(MODELS), default="default",
+                   help="architecture of the in-process SFT model (ignored with --init-from)")
     p.add_argument("--init-from", default=None, help="an HF export to start from (default: a quick in-process SFT)")
-    p.add_argument("--sft-steps", type=int, default=300, help="SFT steps when no --init-from (0 = random init)")
+    p.add_argument("--sft-steps", type=int, default=None,
+                   help="SFT steps when no --init-from (default: 800 for the default model, 300 for 6m; 0 = random init)")
     p.add_argument("--steps", type=int, default=20, help="timed GRPO steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed GRPO steps before them")
     p.add_argument("--last-k", type=int, default=10, help="mean reward over the last K steps")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, alternating; the median run is reported")
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--max-completion-length", type=int, default=28)
+    p.add_argument("--max-completion-length", type=int, default=24)  # configs/algo/grpo.yaml
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--epsilon", type=float, default=0.2)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--micro-batch-size", type=int, default=32,
-                   help="ours only: length-sorted micro-batches per forward/backward (0 = one pass); same update")
+    p.add_argument("--lr", type=float, default=1e-4)  # configs/algo/grpo.yaml
+    p.add_argument("--micro-batch-size", type=int, default=0,
+                   help="ours only: completions per forward/backward (0 = one pass); the same update")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="both sides in bf16 mixed precision (autocast; fp32 weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only (profiling)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.last_k < 1:
-        p.error("--steps and --last-k must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.last_k < 1 or args.repeats < 1:
+        p.error("--steps, --last-k and --repeats must be >= 1, --warmup >= 0")
 
     import transformers
 
@@ -221,14 +238,14 @@ def main(argv=None) -> dict:
     cfg = {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
            "max_completion_length": args.max_completion_length, "temperature": args.temperature,
            "beta": args.beta, "epsilon": args.epsilon, "learning_rate": args.lr, "seed": args.seed,
-           "ours_micro_batch_size": args.micro_batch_size or None}
+           "ours_micro_batch_size": args.micro_batch_size or None, "bf16": args.bf16}
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.init_from is not None:
             model_dir, init = args.init_from, {"init": "init_from", "init_from": args.init_from}
         else:
             model_dir = str(Path(tmp) / "sft")
-            init = sft_export(Path(model_dir), args.sft_steps, args.seed)
+            init = sft_export(Path(model_dir), args.model, args.sft_steps, args.seed)
             print(f"model: {init}", flush=True)
 
         # the prompts of every step, in the order our DataLoader serves them (same seed -> same order again)
@@ -239,15 +256,20 @@ def main(argv=None) -> dict:
         for i, batch in zip(range(max_steps), dm.train_dataloader()):
             rows += [{"prompt": q, "answer": a} for q, a in zip(batch["prompt"], batch["answer"])]
 
-        results = {}
-        if args.only in (None, "ours"):
-            ours, ours_load = run_ours(model_dir, cfg, dm, max_steps)
-            results["ours"] = {**summary(ours, args.warmup, args.last_k), **ours_load}
-            print(f"ours: {results['ours']['steps_per_s']:.3f} steps/s", flush=True)
-        if args.only in (None, "trl"):
-            theirs, trl_load = run_trl(model_dir, cfg, rows, max_steps, str(Path(tmp) / "trl"))
-            results["trl"] = {**summary(theirs, args.warmup, args.last_k), **trl_load}
-            print(f"trl:  {results['trl']['steps_per_s']:.3f} steps/s", flush=True)
+        results: dict[str, dict] = {}
+        runs = {"ours": lambda: run_ours(model_dir, cfg, dm, max_steps),
+                "trl": lambda: run_trl(model_dir, cfg, rows, max_steps, str(Path(tmp) / "trl"))}
+        sides = [side for side in runs if args.only in (None, side)]
+        for rep in range(args.repeats):  # alternate the sides: a slow spell of the machine hits both
+            for side in sides:
+                steps, load = runs[side]()
+                run = {**summary(steps, args.warmup, args.last_k), **load}
+                results.setdefault(side, {"repeats": []})["repeats"].append(run)
+                print(f"{side:5} run {rep + 1}/{args.repeats}: {run['steps_per_s']:.3f} steps/s", flush=True)
+        for side, r in results.items():  # the median run's numbers; every run is kept under "repeats"
+            runs_sorted = sorted(r["repeats"], key=lambda x: x["steps_per_s"])
+            r.update({k: v for k, v in runs_sorted[len(runs_sorted) // 2].items()})
+            r["steps_per_s_all"] = [x["steps_per_s"] for x in r["repeats"]]
 
     result = {
         "machine": {
@@ -255,11 +277,12 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "lightning": L.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         },
-        "model": {**ARCH, **init},
+        "model": {"name": args.model, **MODELS[args.model][0], **init},
         "config": {**cfg, "warmup_steps": args.warmup, "timed_steps": args.steps, "last_k": args.last_k,
                    "completions_per_step": args.prompts_per_step * args.num_generations, "num_iterations": 1,
                    "kl_estimator": "k3", "scale_rewards": "group", "loss": "seq-mean-token-mean (TRL loss_type=grpo)",
-                   "lr_schedule": "constant", "adam_betas": [0.9, 0.95], "max_grad_norm": 1.0, "dtype": "float32",
+                   "lr_schedule": "constant", "adam_betas": [0.9, 0.95], "max_grad_norm": 1.0,
+                   "precision": "bf16 autocast, fp32 weights" if args.bf16 else "fp32",
                    "reward": "alignlab.rewards.rules.accuracy_reward", "task": TASK},
         **results,
     }
@@ -273,10 +296,10 @@ def main(argv=None) -> dict:
         for name, r in (("ours", o), ("TRL", t)):
             print(f"{name:6}{r['steps_per_s']:>9.3f}{r['median_step_s']:>15.3f}{r['median_step_cpu_s']:>12.3f}"
                   f"{r['mean_reward_first_5']:>16.3f}{r[k]:>16.3f}")
-        print(f"speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time ({args.steps} timed "
-              f"steps after {args.warmup} warm-up, {args.prompts_per_step}x{args.num_generations} completions/step, "
+        print(f"speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time (median of {args.repeats} "
+              f"runs of {args.steps} timed steps after {args.warmup} warm-up, {args.prompts_per_step}x{args.num_generations} completions/step, "
               f"{args.threads} threads)")
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results/grpo_vs_trl_{args.model}{'_bf16' if args.bf16 else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")

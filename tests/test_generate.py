@@ -1,6 +1,6 @@
 import torch
 
-from alignlab.model.generate import filter_logits, generate
+from alignlab.model.generate import filter_logits, generate, sample
 from alignlab.model.transformer import KVCache, Transformer, TransformerConfig
 
 EOS, PAD = 1, 0
@@ -61,6 +61,18 @@ def test_num_samples_prefills_once_and_equals_repeated_prompts():
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
     assert len({tuple(r.tolist()) for r in a.completion_ids[:3]}) > 1  # the copies sample independently
+
+
+def test_sample_draws_the_categorical_distribution_and_never_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.2, 0.7, 0.0]]).expand(100_000, 6).contiguous()
+    draws = sample(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    torch.testing.assert_close(freq, probs[0], atol=0.005, rtol=0)  # 3-4 sigma at n = 1e5
+    assert freq[[0, 2, 5]].sum() == 0
+    # unnormalised rows (filtered logits' softmax is normalised, but the contract holds either way)
+    assert sample(torch.tensor([[0.0, 3.0, 0.0]]), torch.Generator().manual_seed(1)).item() == 1
+    u_one = torch.tensor([[0.5, 0.5, 0.0]])  # a u that rounds up to the total still lands on a real token
+    assert all(sample(u_one, torch.Generator().manual_seed(k)).item() in (0, 1) for k in range(50))
 
 
 def test_rows_stop_at_eos_and_batch_stops_when_all_done():

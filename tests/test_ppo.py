@@ -176,8 +176,9 @@ def test_adaptive_kl_controller_follows_the_formula_and_is_checkpointed(tmp_path
     assert adaptive_kl_coef(0.1, 0.9, 1.0, 64, 1000) == pytest.approx(0.1 * (1 - 0.1 * 0.064))
     assert adaptive_kl_coef(0.1, 0.0, 1.0, 100, 100) == pytest.approx(0.1 * 0.8)
 
+    # k3: the rollout KL estimate is > 0 as soon as the policy moved (k1's sample mean may be negative)
     module = PPO(arch=tiny_arch(), num_generations=4, kl_coef=0.2, target_kl=1e-6, kl_horizon=100, lr=1e-3,
-                 ppo_epochs=1)
+                 ppo_epochs=1, kl_estimator="k3")
     coefs = []
 
     class Track(L.Callback):

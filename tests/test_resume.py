@@ -26,9 +26,10 @@ TINY = ["--config", str(CONFIGS / "model" / "tiny.yaml"), "--model.init_args.ini
 ALGO_ARGS = {
     "grpo": ["--model.init_args.num_generations=4", "--model.init_args.max_new_tokens=6", "--data.batch_size=4",
              "--model.init_args.lr=1e-3"],
-    "dapo": ["--model.init_args.num_generations=4", "--model.init_args.max_new_tokens=6", "--data.batch_size=4",
+    "dapo": ["--model.init_args.num_generations=2", "--model.init_args.max_new_tokens=6", "--data.batch_size=4",
              "--model.init_args.overlong_buffer_len=2", "--model.init_args.lr=1e-3",
-             "--model.init_args.reward_funcs=[resume_helpers.length_parity_reward]"],
+             "--model.init_args.reward_funcs=[resume_helpers.length_parity_reward]"],  # G=2: some group has equal
+    # rewards (parity) within steps 3-6, so the refill iterator is used and its position must be restored
     "dpo": ["--data.batch_size=8", "--model.init_args.lr=1e-3"],
 }
 
