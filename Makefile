@@ -33,7 +33,9 @@ test-slow: $(STAMP) ## also run the slower learning tests
 bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput and MFU, GRPO vs TRL if installed (results in benchmarks/results/)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_grpo_trl.py
+	$(PY) benchmarks/bench_grpo_trl.py --model default
+	$(PY) benchmarks/bench_grpo_trl.py --model 6m
+	$(PY) benchmarks/bench_grpo_trl.py --model 6m --bf16
 
 ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}
 	$(PY) -m alignlab.ablation run --seeds $(SEEDS) --steps $(STEPS) $(if $(DRY),--dry-run)
