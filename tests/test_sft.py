@@ -46,7 +46,8 @@ def test_sft_smoke_20_steps_lowers_loss_and_changes_weights(tmp_path):
 def test_sft_learns_the_default_task(sft_export, record):
     """The tiny model (2 layers, dim 64) trained for 800 steps on 1-2 digit addition.
 
-    Measured: 0.69 validation accuracy (from 0.0 at init; torch 2.13 CPU); we require 0.25.
+    Measured: 0.30 validation accuracy (from 0.0 at init; torch 2.13 CPU, seed 0); we require 0.25. Where
+    800 steps land depends on the seed: 0.19 to 0.69 over seeds 0-5 (whether the carry is learned yet).
     """
     module = SFT(init_from=sft_export)
     dm = datamodule("sft", tokenizer=sft_export)
