@@ -31,6 +31,10 @@ ALGO_ARGS = {
              "--model.init_args.reward_funcs=[resume_helpers.length_parity_reward]"],  # G=2: some group has equal
     # rewards (parity) within steps 3-6, so the refill iterator is used and its position must be restored
     "dpo": ["--data.batch_size=8", "--model.init_args.lr=1e-3"],
+    # PPO on the rule reward (no reward model): policy, critic (its own optimizer groups), reference and the
+    # adaptive KL controller must all come back
+    "ppo": ["--model.init_args.num_generations=4", "--model.init_args.max_new_tokens=6", "--data.batch_size=4",
+            "--model.init_args.reward_model=null", "--model.init_args.lr=1e-3", "--model.init_args.target_kl=0.01"],
 }
 
 
@@ -63,7 +67,7 @@ def subprocess_env():
             "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dapo", "dpo"])
+@pytest.mark.parametrize("algo", ["grpo", "dapo", "dpo", "ppo"])
 def test_sigkill_then_resume_from_last_matches_the_uninterrupted_run(algo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT / "tests"))
