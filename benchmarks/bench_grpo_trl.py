@@ -30,9 +30,10 @@ attention (``Packing``); short sequences use eager attention on the CPU. ``--mic
 
 Each side runs ``--repeats`` times, alternating (ours, TRL, ours, TRL, ...), and the median run of each side
 is reported (every run is kept in the JSON): this machine's speed drifts by 10-20% from minute to minute.
-The machine's load average before and after each run is recorded, since other processes slow both sides. Each step's process CPU
-time is recorded as well: on a shared machine it measures the work done, where wall time also counts the
-wait for a core (and, with 2+ threads on an oversubscribed machine, every OpenMP barrier: use --threads 1).
+The machine's load average before and after each run is recorded, since other processes slow both sides.
+Each step's process CPU time is recorded as well: on a shared machine it measures the work done, where wall
+time also counts the wait for a core (and, with 2+ threads on an oversubscribed machine, every OpenMP
+barrier: use --threads 1).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ def main(argv=None) -> dict:
                 print(f"{side:5} run {rep + 1}/{args.repeats}: {run['steps_per_s']:.3f} steps/s", flush=True)
         for side, r in results.items():  # the median run's numbers; every run is kept under "repeats"
             runs_sorted = sorted(r["repeats"], key=lambda x: x["steps_per_s"])
-            r.update({k: v for k, v in runs_sorted[len(runs_sorted) // 2].items()})
+            r.update(runs_sorted[len(runs_sorted) // 2])
             r["steps_per_s_all"] = [x["steps_per_s"] for x in r["repeats"]]
 
     result = {

@@ -141,11 +141,9 @@ class PolicyModule(L.LightningModule):
         """
         C = completion_ids.shape[1]
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        if prompt_index is not None:
-            uniq, inverse = torch.unique(prompt_index, return_inverse=True)
-        if prompt_index is None or len(uniq) == len(prompt_index):
-            ids = torch.cat([prompt_ids, completion_ids], dim=1)
-            return model(ids, mask, logits_to_keep=C + 1)[:, :-1]
+        uniq, inverse = torch.unique(prompt_index, return_inverse=True) if prompt_index is not None else (None, None)
+        if uniq is None or len(uniq) == len(inverse):  # no prompt is shared: one forward over the full rows
+            return model(torch.cat([prompt_ids, completion_ids], dim=1), mask, logits_to_keep=C + 1)[:, :-1]
         rows = torch.arange(len(inverse), device=inverse.device)
         first = torch.full_like(uniq, len(inverse)).scatter_reduce(0, inverse, rows, "amin")  # a row per prompt
         cache = PrefixCache()

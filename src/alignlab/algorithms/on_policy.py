@@ -113,9 +113,12 @@ class Rollout:
         out = {}
         for f in fields(Rollout):
             vals = [getattr(p, f.name) for p in parts]
-            if f.name == "prompt_index" and vals[0] is not None:  # distinct across parts
-                offsets = [0] + [int(v.max()) + 1 if len(v) else 0 for v in vals[:-1]]
-                vals = [v + off for v, off in zip(vals, torch.tensor(offsets).cumsum(0).tolist())]
+            if f.name == "prompt_index" and vals[0] is not None:  # each part numbers its prompts from 0
+                offset, shifted = 0, []
+                for v in vals:
+                    shifted.append(v + offset)
+                    offset += int(v.max()) + 1 if len(v) else 0
+                vals = shifted
             if vals[0] is None:
                 out[f.name] = None
             elif isinstance(vals[0], torch.Tensor):
@@ -299,8 +302,10 @@ class OnPolicyModule(PolicyModule):
         """Row indices in chunks of ``size`` (None = one chunk), a group's rows together so that they share
         one prompt computation (``completion_logits``). Padding costs nothing outside attention (the model
         packs real tokens), so chunks are for memory only."""
+        if size is None or size >= len(r):
+            return [torch.arange(len(r))]
         order = torch.arange(len(r)) if r.prompt_index is None else torch.argsort(r.prompt_index.cpu(), stable=True)
-        return [order] if size is None or size >= len(r) else list(order.split(size))
+        return list(order.split(size))
 
     @torch.no_grad()
     def logps_no_grad(self, model, r: Rollout) -> torch.Tensor:
@@ -316,10 +321,8 @@ class OnPolicyModule(PolicyModule):
 
     def micro_batches(self, mb: Rollout) -> list[Rollout]:
         """mb in micro-batches of ``micro_batch_size`` rows (groups together), trimmed of padding (or mb itself)."""
-        size = self.micro_batch_size
-        if size is None or size >= len(mb):
-            return [mb]
-        return [mb.select(idx).trimmed() for idx in self.row_chunks(mb, size)]
+        chunks = self.row_chunks(mb, self.micro_batch_size)
+        return [mb] if len(chunks) == 1 else [mb.select(idx).trimmed() for idx in chunks]
 
     # ------------------------------------------------------------------------------ loss
     # metrics of compute_loss that are shares of the minibatch's aggregate (summed over micro-batches);

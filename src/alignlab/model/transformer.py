@@ -121,7 +121,7 @@ class RotaryEmbedding(nn.Module):
         self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (inv_freq, cos, sin)
 
     def table(self, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (n', D) for positions 0 .. n'-1, n' >= n, rebuilt when inv_freq or the device changed."""
+        """cos, sin (n', D) for positions 0 .. n'-1, n' >= n, rebuilt when inv_freq, the device or n changed."""
         t = self._table
         if t is None or t[0] is not self.inv_freq or t[1].device != device or len(t[1]) < n:
             freqs = torch.arange(max(n, self.max_len), device=device).float()[:, None] * self.inv_freq.float()
@@ -129,11 +129,10 @@ class RotaryEmbedding(nn.Module):
             self._table = t = (self.inv_freq, emb.cos(), emb.sin())
         return t[1], t[2]
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # on the CPU a position beyond max_seq_len grows the table (on a GPU that check would sync)
-        n = int(position_ids.max()) + 1 if position_ids.device.type == "cpu" and position_ids.numel() else 0
-        cos, sin = self.table(position_ids.device, n)
-        return cos[position_ids][:, None], sin[position_ids][:, None]  # (B, 1, T, D) each
+    def forward(self, position_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, D) at position_ids, all of which are < length (the cached + new tokens)."""
+        cos, sin = self.table(position_ids.device, length)
+        return cos[position_ids][:, None], sin[position_ids][:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -397,11 +396,12 @@ class Transformer(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         else:
             position_ids = position_ids_from_mask(attention_mask)[:, past : past + T]
-        cos, sin = self.rotary(position_ids)
+        cos, sin = self.rotary(position_ids, past + T)  # positions count real tokens: < past + T
         mask = attention_mask_4d(attention_mask, T, past, self.config.sliding_window)
         packing = None  # with padding among the new tokens, everything but attention runs on real tokens only
-        if attention_mask is not None and T > 1 and not bool(attention_mask[:, past : past + T].all()):
-            packing = Packing(attention_mask[:, past : past + T].bool())
+        if attention_mask is not None and T > 1:
+            real = attention_mask[:, past : past + T].bool()
+            packing = None if bool(real.all()) else Packing(real)
         x = self.embed_tokens(input_ids if packing is None else packing.unpad(input_ids))  # (B, T, C) | (N, C)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, packing)
