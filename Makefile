@@ -33,6 +33,7 @@ test-slow: $(STAMP) ## also run the slower learning tests
 bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput and MFU, GRPO vs TRL if installed (results in benchmarks/results/)
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_grpo_trl.py --model default
 	$(PY) benchmarks/bench_grpo_trl.py --model 6m
 	$(PY) benchmarks/bench_grpo_trl.py --model 6m --bf16

@@ -48,7 +48,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of probs (B, V), drawn by inverting the CDF at a uniform u ~ U[0, 1): the first v
     with cdf_v > u * cdf_V. Exactly the categorical distribution; a zero-probability token (top-k/top-p)
-    is never drawn. One random number per row (torch.multinomial draws one per entry: 8x slower here)."""
+    is never drawn. One random number per row (torch.multinomial: ~10x slower here, benchmarks/bench_kernels.py)."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)

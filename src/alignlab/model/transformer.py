@@ -227,10 +227,11 @@ class Packing:
         return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
 
 
-# Below this many keys, attention on the CPU is computed "eagerly" (two matmuls and a softmax): for the
-# short sequences of the built-in tasks that is 1.5x (fp32) to 5x (bf16, forward + backward) faster than
-# PyTorch's fused CPU kernel, whose per-block overhead dominates at this size. Longer sequences, and every
-# GPU, use F.scaled_dot_product_attention, which never materialises the (T, S) score matrix.
+# Below this many keys, attention on the CPU is computed "eagerly" (two matmuls and a softmax). At the
+# shapes of a GRPO step (python benchmarks/bench_kernels.py) that is 1.7-1.9x faster than PyTorch's fused CPU
+# kernel in bf16 (forward, decoding) and 5x in bf16 forward + backward; in fp32 it is about even (forward
+# faster, backward slower in isolation, no difference measured over a whole policy update). Longer
+# sequences, and every GPU, use F.scaled_dot_product_attention, which never materialises the (T, S) scores.
 EAGER_ATTENTION_MAX_KEYS = 128
 
 
