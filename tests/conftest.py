@@ -55,8 +55,10 @@ def datamodule(kind: str = "sft", tokenizer=None, **overrides) -> AlignDataModul
 
 def fit(module, dm, max_steps: int, root=None, val_every: int | None = None, ckpt_path=None,
         **trainer_kw) -> L.Trainer:
-    """Train in process: no logger / checkpoints unless root is given; ckpt_path resumes a checkpoint."""
-    kw = dict(max_steps=max_steps, enable_progress_bar=False, enable_model_summary=False,
+    """Train in process: no logger / checkpoints unless root is given; ckpt_path resumes a checkpoint.
+    Every step is a logging step (diagnostics in trainer.callback_metrics after every step) unless the
+    caller passes log_every_n_steps."""
+    kw = dict(max_steps=max_steps, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
               num_sanity_val_steps=0, check_val_every_n_epoch=None,
               val_check_interval=val_every or max_steps, limit_val_batches=1.0)
     if root is None:

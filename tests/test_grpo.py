@@ -1,12 +1,15 @@
 """GRPO: the on-policy loop, the loss identities of the paper, reward wiring, and learning."""
 
+import csv
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
 from alignlab.algorithms import GRPO
+from alignlab.algorithms.base import token_lists
 from alignlab.algorithms.on_policy import Rollout
 from conftest import datamodule, fit, rl_learning_run, tiny_arch
 
@@ -49,6 +52,15 @@ def metrics_of(trainer) -> dict[str, float]:
 
 def snapshot(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+# ------------------------------------------------------------------------------ rollout text
+def test_completions_are_decoded_from_the_masked_tokens_of_each_row():
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]])  # a prefix, and a span in the middle (RM/DPO masks)
+    assert token_lists(ids, mask) == [[5, 6], [10, 11]]
+    module = GRPO(arch=tiny_arch())
+    assert module.decode(ids, mask) == [module.tokenizer.decode(t, skip_special_tokens=True) for t in ([5, 6], [10, 11])]
 
 
 # ------------------------------------------------------------------------- fixed log-probs
@@ -235,6 +247,32 @@ def test_smoke_20_steps(tmp_path):
     assert max((a - b).abs().max().item() for a, b in zip(policy0, module.policy.parameters())) > 1e-4
     events = list(tmp_path.rglob("events.out.tfevents*"))
     assert events and any(e.stat().st_size > 0 for e in events)  # completions + scalars written
+
+
+def test_every_metric_reaches_the_logger_on_its_logging_steps(tmp_path):
+    """Diagnostics are logged on Lightning's logging steps only (each self.log has a cost); the headline
+    metrics on every step. The logger (here CSV) receives every metric at every logging step."""
+    module = GRPO(arch=tiny_arch(), num_generations=4, reward_funcs=["alignlab.rewards.rules.accuracy_reward",
+                                                                      "alignlab.rewards.rules.format_reward"])
+
+    class Keys(L.Callback):
+        def __init__(self):
+            self.seen: list[set] = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.seen.append(set(trainer.callback_metrics))
+
+    logger, keys = L.pytorch.loggers.CSVLogger(tmp_path, name="csv"), Keys()
+    fit(module, datamodule("prompt", batch_size=4), max_steps=4, callbacks=[keys], logger=logger,
+        log_every_n_steps=2, limit_val_batches=0)
+    train_keys = [k for k in EXPECTED if k != "val/accuracy"] + ["train/grad_norm", "train/skipped_steps"]
+    assert set(GRPO.every_step_metrics) <= keys.seen[0] and "train/kl" not in keys.seen[0]  # step 0: headline only
+    assert set(train_keys) <= keys.seen[1]  # step 1: a logging step (log_every_n_steps=2)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    for step in ("1", "3"):
+        logged = {k for r in rows if r["step"] == step for k, v in r.items() if v != ""}
+        assert set(train_keys) <= logged, (step, set(train_keys) - logged)
+    assert {r["step"] for r in rows} == {"1", "3"}
 
 
 def test_beta_zero_builds_no_reference():

@@ -203,6 +203,44 @@ def test_nonfinite_stop_keeps_last_checkpoint_finite(on_exception, tmp_path):
     assert not (run / "hf").exists()
 
 
+# ------------------------------------------------------------------------ gradient clipping
+class GradNorms(L.Callback):
+    """Total gradient norm before clipping (this callback's hook runs before the module's) and the one the
+    optimizer used (a step post-hook: the gradients are zeroed only later)."""
+
+    def __init__(self):
+        self.before, self.after = [], []
+
+    def on_fit_start(self, trainer, module):
+        trainer.optimizers[0].register_step_post_hook(lambda opt, *_: self.after.append(self.norm(opt)))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.before.append(self.norm(optimizer))
+
+    @staticmethod
+    def norm(opt) -> float:
+        return float(torch.nn.utils.get_total_norm([p.grad for g in opt.param_groups for p in g["params"]
+                                                    if p.grad is not None]))
+
+
+@pytest.mark.parametrize("algo", ["sft", "grpo"])  # automatic and manual optimisation
+def test_gradients_are_clipped_once_and_their_norm_logged(algo):
+    """Every optimizer step sees gradients of norm <= max_grad_norm; train/grad_norm is the norm before."""
+    if algo == "sft":
+        module, dm = SFT(arch=tiny_arch(), max_grad_norm=0.05), datamodule("sft", batch_size=8)
+    else:
+        module = GRPO(arch=tiny_arch(), num_generations=4, max_new_tokens=6, max_grad_norm=0.05, beta=0.04,
+                      num_iterations=2, reward_funcs=["test_reliability.nan_reward"])
+        dm = datamodule("prompt", batch_size=2)
+    CALLS["nan_at"] = ()
+    norms = GradNorms()
+    trainer = fit(module, dm, max_steps=4, callbacks=[norms])
+    assert len(norms.before) == len(norms.after) == 4
+    assert all(b > 0.05 for b in norms.before)  # every step needed clipping ...
+    assert norms.after == pytest.approx([0.05] * 4, rel=1e-4)  # ... and the optimizer saw the clipped norm
+    assert float(trainer.callback_metrics["train/grad_norm"]) == pytest.approx(norms.before[-1], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------ bad input
 GOOD = {"prompt": "1+2=", "completion": "3"}
 CASES = {

@@ -353,12 +353,13 @@ class PPO(OnPolicyModule):
         self.kl_coef = float(checkpoint.get("ppo_kl_coef", self.kl_coef))
 
     # ------------------------------------------------------------------------------ logging
+    every_step_metrics = (*OnPolicyModule.every_step_metrics, "objective/scores")
+    prog_bar_metrics = (*OnPolicyModule.prog_bar_metrics, "objective/scores")
+
     def log_rollout(self, r: Rollout, metrics: dict[str, torch.Tensor]) -> None:
         """TRL-named metrics (objective/, policy/, loss/, val/) as they are; the rest as OnPolicyModule does."""
         own = {k: v for k, v in metrics.items() if "/" in k and k.split("/")[0] in _TRL_GROUPS}
-        for k, v in own.items():
-            self.log(k, torch.as_tensor(v, dtype=torch.float32, device=self.device), on_step=True,
-                     prog_bar=k == "objective/scores", batch_size=len(r), sync_dist=self.world_size > 1)
+        self.log_metrics(own, len(r))
         super().log_rollout(r, {k: v for k, v in metrics.items() if k not in own})
 
     # ---------------------------------------------------------------------- optimizer, export
