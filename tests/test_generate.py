@@ -132,3 +132,14 @@ def test_filter_logits_top_k_and_top_p():
     # top_p 0.7: 0.5 alone is < 0.7, 0.5+0.3 crosses it -> keep two
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.4)).tolist() == [[False, True, True, True]]
+
+
+def test_outputs_can_enter_a_training_graph():
+    """Generation runs in inference mode; its outputs are ordinary tensors a trainer can backpropagate through
+    (an inference tensor saved for backward, e.g. the ids of an embedding lookup, would raise)."""
+    m = model().train()
+    ids, mask = prompts()
+    out = generate(m, ids, mask, 4, EOS, PAD, generator=torch.Generator().manual_seed(0))
+    assert not any(t.is_inference() for t in (out.completion_ids, out.completion_mask, out.logprobs, out.truncated))
+    m(torch.cat([ids, out.completion_ids], 1)).logsumexp(-1).sum().backward()
+    assert m.embed_tokens.weight.grad is not None
