@@ -109,7 +109,8 @@ class RotaryEmbedding(nn.Module):
 
     cos/sin of every position up to max_seq_len are computed once (fp32, on first use on a device) and
     looked up per forward: recomputing them for every (B, T) position costs more than a layer's matmuls
-    on a small model decoding one token at a time.
+    on a small model decoding one token at a time. The sin table carries rotate-half's sign (see
+    ``apply_rope``).
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -118,30 +119,29 @@ class RotaryEmbedding(nn.Module):
             "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
         )
         self.max_len = cfg.max_seq_len
-        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (inv_freq, cos, sin)
+        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (inv_freq, cos, signed sin)
 
     def table(self, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (n', D) for positions 0 .. n'-1, n' >= n, rebuilt when inv_freq, the device or n changed."""
+        """cos and [-sin, sin] (n', D) for positions 0 .. n'-1, n' >= n; rebuilt when inv_freq, the device or
+        n changed."""
         t = self._table
         if t is None or t[0] is not self.inv_freq or t[1].device != device or len(t[1]) < n:
             freqs = torch.arange(max(n, self.max_len), device=device).float()[:, None] * self.inv_freq.float()
-            emb = torch.cat([freqs, freqs], dim=-1)  # (n', D)
-            self._table = t = (self.inv_freq, emb.cos(), emb.sin())
+            self._table = t = (self.inv_freq, torch.cat([freqs, freqs], -1).cos(),
+                               torch.cat([-freqs.sin(), freqs.sin()], -1))
         return t[1], t[2]
 
     def forward(self, position_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, D) at position_ids, all of which are < length (the cached + new tokens)."""
+        """cos, signed sin (B, 1, T, D) at position_ids, all of which are < length (the cached + new tokens)."""
         cos, sin = self.table(position_ids.device, length)
         return cos[position_ids][:, None], sin[position_ids][:, None]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1] (x = [x1, x2], halves of the head dim).
+    Written [x2, x1] * [-sin, sin]: the sign lives in the table and [x2, x1] is one roll, bitwise the same
+    result in one kernel instead of chunk + neg + cat."""
+    return (x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin).to(x.dtype)
 
 
 class KVCache:
