@@ -34,7 +34,7 @@ bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput a
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_kernels.py
-	$(PY) benchmarks/bench_grpo_trl.py --model default
+	$(PY) benchmarks/bench_grpo_trl.py --model default --repeats 5
 	$(PY) benchmarks/bench_grpo_trl.py --model 6m
 	$(PY) benchmarks/bench_grpo_trl.py --model 6m --bf16
 

@@ -30,6 +30,8 @@ attention (``Packing``); short sequences use eager attention on the CPU. ``--mic
 
 Each side runs ``--repeats`` times, alternating (ours, TRL, ours, TRL, ...), and the median run of each side
 is reported (every run is kept in the JSON): this machine's speed drifts by 10-20% from minute to minute.
+``speedup_paired`` divides each of our runs by the TRL run right after it (the median of those ratios is
+less sensitive to a drift over the whole benchmark than the ratio of the two medians).
 The machine's load average before and after each run is recorded, since other processes slow both sides.
 Each step's process CPU time is recorded as well: on a shared machine it measures the work done, where wall
 time also counts the wait for a core (and, with 2+ threads on an oversubscribed machine, every OpenMP
@@ -291,6 +293,11 @@ def main(argv=None) -> dict:
         o, t = results["ours"], results["trl"]
         result["speedup"] = round(o["steps_per_s"] / t["steps_per_s"], 2)
         result["speedup_cpu_time"] = round(t["median_step_cpu_s"] / o["median_step_cpu_s"], 2)
+        # run i of ours against run i of TRL, which ran right after it: the machine's drift over the whole
+        # benchmark cancels out of each ratio
+        paired = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(o["repeats"], t["repeats"])]
+        result["speedup_paired"] = {"median": round(statistics.median(paired), 2),
+                                    "all": [round(x, 2) for x in paired]}
         k = f"mean_reward_last_{args.last_k}"
         print(f"\n{'':6}{'steps/s':>9}{'median s/step':>15}{'CPU s/step':>12}{'reward first 5':>16}"
               f"{'reward last ' + str(args.last_k):>16}")
@@ -299,7 +306,8 @@ def main(argv=None) -> dict:
                   f"{r['mean_reward_first_5']:>16.3f}{r[k]:>16.3f}")
         print(f"speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time (median of {args.repeats} "
               f"runs of {args.steps} timed steps after {args.warmup} warm-up, {args.prompts_per_step}x{args.num_generations} completions/step, "
-              f"{args.threads} threads)")
+              f"{args.threads} threads); run by run {result['speedup_paired']['all']}, "
+              f"median {result['speedup_paired']['median']:.2f}x")
     out = Path(args.out or f"benchmarks/results/grpo_vs_trl_{args.model}{'_bf16' if args.bf16 else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
