@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,6 +117,11 @@ class AlignCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
+    # Lightning warns at every checkpoint of a manually optimised module (GRPO, DAPO, PPO) that it holds the
+    # weights after the optimizer step, with a code sample for keeping the ones before. After the step is
+    # what we save on purpose: weights, optimizer state and step counter agree, and resuming from it is
+    # exact (tests/test_resume.py).
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     return AlignCLI(
         L.LightningModule,
         AlignDataModule,
