@@ -195,6 +195,20 @@ def test_rmsnorm_and_rope_values():
         rope_inv_freq(4, 10000.0, {"rope_type": "yarn", "factor": 2})
 
 
+def test_rope_is_rotate_half_to_the_bit():
+    """apply_rope keeps rotate-half's sign in the sin table and swaps the halves with one roll: the same bits
+    as x * cos + [-x2, x1] * sin (the Llama/Qwen formula)."""
+    m = model()
+    pos = torch.tensor([[0, 1, 2, 7, 30]])
+    cos, signed_sin = m.rotary(pos, 31)
+    x = torch.randn(1, 4, 5, m.config.head_dim)
+    freqs = pos[0].float()[:, None] * m.rotary.inv_freq
+    emb = torch.cat([freqs, freqs], -1)
+    x1, x2 = x.chunk(2, -1)
+    assert torch.equal(transformer_module.apply_rope(x, cos, signed_sin),
+                       x * emb.cos() + torch.cat([-x2, x1], -1) * emb.sin())
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="n_kv_heads"):
         TransformerConfig(dim=64, n_heads=4, n_kv_heads=3)
