@@ -266,12 +266,9 @@ class PolicyModule(L.LightningModule):
         if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm over every rank's shards
             return model.clip_grad_norm_(max_norm or float("inf"))
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
-            return torch.zeros((), device=self.device)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if max_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     # ------------------------------------------------------------------- non-finite values
     def nonfinite_step(self, what: str, bad: bool | torch.Tensor) -> bool:
@@ -301,8 +298,9 @@ class PolicyModule(L.LightningModule):
         """Clip the gradients (``max_grad_norm``), then skip (all grads -> None) or stop when the loss or the
         total gradient norm is not finite: one norm computation for both."""
         norm = self.clip_grad_norm(optimizer)
-        if self.logging_step():
-            self.log("train/grad_norm", norm.detach().float(), on_step=True, on_epoch=False, batch_size=1)
+        to_logger = self.logging_step()
+        if to_logger:
+            self.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False, batch_size=1)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16: the GradScaler skips overflowing steps itself
         loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
@@ -313,7 +311,7 @@ class PolicyModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
         else:
             self._consecutive_skips = 0
-        if self.logging_step():
+        if to_logger:
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
 
     def logging_step(self) -> bool:

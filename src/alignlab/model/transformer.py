@@ -127,8 +127,8 @@ class RotaryEmbedding(nn.Module):
         t = self._table
         if t is None or t[0] is not self.inv_freq or t[1].device != device or len(t[1]) < n:
             freqs = torch.arange(max(n, self.max_len), device=device).float()[:, None] * self.inv_freq.float()
-            self._table = t = (self.inv_freq, torch.cat([freqs, freqs], -1).cos(),
-                               torch.cat([-freqs.sin(), freqs.sin()], -1))
+            sin = freqs.sin()
+            self._table = t = (self.inv_freq, torch.cat([freqs, freqs], -1).cos(), torch.cat([-sin, sin], -1))
         return t[1], t[2]
 
     def forward(self, position_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
