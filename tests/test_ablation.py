@@ -114,13 +114,13 @@ def test_dry_run_trains_every_variant_from_one_sft_export(tmp_path, monkeypatch)
     monkeypatch.chdir(ROOT)  # configs/ is read relative to the repository, as by make
     logs, out = tmp_path / "ablation", tmp_path / "results"
     ablation.main(["run", "--dry-run", "--seeds", "0", "--logs", str(logs), "--out", str(out)])
-    export = (logs / "sft" / "latest" / "hf").resolve()
+    export = (logs / "sft" / "latest_hf").resolve()
     names = list(ablation.variants())
     for name in names:
         run = logs / name / "seed0"
         assert (run / "hf" / "config.json").is_file()  # an ordinary run: events, config.yaml, export
         config = (run / "config.yaml").read_text()
-        assert f"init_from: {logs / 'sft' / 'latest' / 'hf'}" in config and "max_steps: 4" in config
+        assert f"init_from: {logs / 'sft' / 'latest_hf'}" in config and "max_steps: 4" in config
         assert ablation.load_run(run).steps == 2
     assert export.is_dir()
     rows = [line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| ")]

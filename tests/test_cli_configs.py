@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
 from alignlab import train
 from alignlab.cli import main
@@ -82,15 +83,20 @@ def test_cli_runs_sft_and_writes_run_dir(tmp_path, monkeypatch):
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
     assert (run / "hf" / "config.json").exists() and (run / "hf" / "tokenizer.json").exists()
     assert list(run.glob("events.out.tfevents.*"))
-    assert (tmp_path / "logs" / "sft" / "latest").resolve() == run.resolve()
+    assert (tmp_path / "logs" / "sft" / "latest_hf").resolve() == (run / "hf").resolve()
     # a second run gets its own directory; the first one's files are untouched
     stamp = (run / "hf" / "model.safetensors").stat().st_mtime_ns
+    (tmp_path / "logs" / "sft" / "latest").symlink_to("version_0")  # the link earlier versions wrote
     main(cli_args("sft", "--trainer.max_steps", "1", "--model.init_args.arch.dim", "32",
                   "--model.init_args.arch.n_layers", "1", "--model.init_args.arch.n_heads", "2",
                   "--data.num_train", "500", "--data.num_val", "10", "--trainer.enable_progress_bar", "false"))
     assert (tmp_path / "logs" / "sft" / "version_1" / "hf").exists()
     assert (run / "hf" / "model.safetensors").stat().st_mtime_ns == stamp
-    assert (tmp_path / "logs" / "sft" / "latest").resolve().name == "version_1"
+    assert (tmp_path / "logs" / "sft" / "latest_hf").resolve().parent.name == "version_1"
+    # TensorBoard lists each run once: no link to a run directory is left for it to read as another run
+    assert not (tmp_path / "logs" / "sft" / "latest").is_symlink()
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "logs")).Runs()
+    assert sorted(runs) == ["sft/version_0", "sft/version_1"]
 
 
 def test_train_pipeline_prerequisites_come_from_configs(monkeypatch):
@@ -98,7 +104,7 @@ def test_train_pipeline_prerequisites_come_from_configs(monkeypatch):
     assert train.prerequisites("sft") == []
     for algo in ALGOS:
         text = (CONFIGS / "algo" / f"{algo}.yaml").read_text()
-        if "logs/sft/latest" in text:
+        if "logs/sft/latest_hf" in text:
             assert "sft" in train.prerequisites(algo)
     with pytest.raises(SystemExit, match="ALGO='nope' has no config"):
         train.main(["nope"])

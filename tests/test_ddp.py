@@ -72,4 +72,4 @@ def test_dapo_resumed_under_ddp_ends_like_the_uninterrupted_run(ddp_out):
 
 
 def test_the_hf_export_at_the_end_of_a_ddp_run_is_written(ddp_out):
-    assert (ddp_out / "logs" / "sft" / "latest" / "hf" / "config.json").is_file()
+    assert (ddp_out / "logs" / "sft" / "latest_hf" / "config.json").is_file()

@@ -9,6 +9,8 @@
 
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ from alignlab import train
 from alignlab.algorithms import GRPO, PPO, SFT
 from alignlab.algorithms.base import NonFiniteError
 from alignlab.callbacks import HFExport
-from alignlab.cli import cli
+from alignlab.cli import cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -269,6 +271,12 @@ CASES = {
                                         ["max_seq_len=64", "model.max_new_tokens"]),
     "sequence_too_long": ("sft", ["--model.init_args.arch.max_seq_len", "16"],
                           ["max_seq_len=16", "data.max_completion_length"]),
+    "ckpt_path_last_without_a_run": ("sft", ["--ckpt_path", "last"],
+                                     ["--ckpt_path last", "/sft/version_*/checkpoints/last.ckpt"]),
+    "random_bytes_as_ckpt_path": ("sft", ["--ckpt_path={tmp}/garbage.ckpt"], ["garbage.ckpt", "not a checkpoint"]),
+    "truncated_ckpt_path": ("sft", ["--ckpt_path={tmp}/truncated.ckpt"], ["truncated.ckpt", "truncated"]),
+    "ckpt_path_without_weights": ("sft", ["--ckpt_path={tmp}/tensors.ckpt"],
+                                  ["tensors.ckpt", "not a Lightning checkpoint"]),
 }
 
 
@@ -279,6 +287,9 @@ def make_inputs(tmp: Path) -> None:
     jsonl(tmp / "broken.jsonl", [GOOD, GOOD, '{"prompt": "1+1=", '])
     jsonl(tmp / "good.jsonl", [GOOD, GOOD])
     (tmp / "empty.jsonl").write_text("\n")
+    (tmp / "garbage.ckpt").write_bytes(random.Random(0).randbytes(4096))
+    torch.save({"weights": torch.ones(64, 64)}, tmp / "tensors.ckpt")  # a torch.save file, not Lightning's
+    (tmp / "truncated.ckpt").write_bytes((tmp / "tensors.ckpt").read_bytes()[:8000])
     gpt2 = tmp / "gpt2"
     char_tokenizer().save_pretrained(gpt2)
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
@@ -297,6 +308,26 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, capsys, monkey
     assert sorted(tmp_path.rglob("*")) == before  # no run directory, no config.yaml, nothing
 
 
+def test_ckpt_path_of_another_model_shape_or_algorithm_is_one_line(tmp_path, capsys, monkeypatch):
+    """A real checkpoint that does not fit this run: the export it started from has since changed shape (as
+    when logs/sft/latest_hf moves to a bigger SFT run), or the command trains another algorithm."""
+    export = tmp_path / "export"
+    SFT(arch=tiny_arch()).export(export)
+    monkeypatch.chdir(tmp_path)
+    main(cli_args(tmp_path, "sft", "--model.init_args.init_from", str(export)))
+    ckpt = tmp_path / "logs" / "sft" / "version_0" / "checkpoints" / "last.ckpt"
+    shutil.rmtree(export)
+    SFT(arch=tiny_arch(dim=32)).export(export)
+    before = sorted(tmp_path.rglob("*"))
+    res = run_in_process(tmp_path, "sft", f"--ckpt_path={ckpt}", capsys=capsys, monkeypatch=monkeypatch)
+    assert res.returncode == 2
+    assert_one_line_error(res, f"ckpt_path: {ckpt}: another model shape", "(128, 64) in the checkpoint", "(128, 32)")
+    res = run_in_process(tmp_path, "grpo", f"--ckpt_path={ckpt}", capsys=capsys, monkeypatch=monkeypatch)
+    assert res.returncode == 2
+    assert_one_line_error(res, f"ckpt_path: {ckpt}: a checkpoint of alignlab.algorithms.SFT", "(GRPO)")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_entry_point_bad_input_is_one_line(tmp_path):
     """The real ``python -m alignlab``: exit code 2, one line, no usage text, no traceback."""
     res = run_cli(tmp_path, "sft", "--model.init_args.lrr", "0.1")
@@ -305,11 +336,71 @@ def test_entry_point_bad_input_is_one_line(tmp_path):
 
 
 def test_train_entry_point_bad_input_is_one_line(tmp_path):
-    """``python -m alignlab.train grpo`` with its own init_from: no SFT stage is run, the child's line is shown."""
+    """``python -m alignlab.train grpo`` with its own init_from: no SFT stage is run, the check's line is shown."""
     (tmp_path / "configs").symlink_to(CONFIGS)
     res = run_cli(tmp_path, "grpo", "--model.init_args.init_from", str(tmp_path / "missing"), module="alignlab.train")
     assert_one_line_error(res, "model.init_from", "missing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]
+
+
+# The whole command is checked before a prerequisite stage runs: a fresh checkout (no logs/sft export),
+# `make train ALGO=<algo> ARGS="<args>"`. {tmp} is the test's directory.
+TRAIN_CASES = {
+    "misspelled_key": ("grpo", ["--model.epsilonn=0.3"], ["epsilonn", "not accepted"]),
+    "wrong_type": ("grpo", ["--model.init_args.epsilon=wide"], ['"epsilon"', "float", "wide"]),
+    "invalid_value": ("grpo", ["--model.init_args.epsilon=-1"], ["model.epsilon", ">= 0"]),
+    "too_long_for_the_sft_model": ("ppo", ["--model.init_args.max_new_tokens=62"],  # SFT and RM still to run
+                                   ["max_seq_len=64", "model.max_new_tokens"]),
+    "missing_data_file": ("dpo", ["--data.train_file={tmp}/no.jsonl"], ["no.jsonl", "no such file"]),
+    "missing_ckpt_path": ("grpo", ["--ckpt_path={tmp}/no.ckpt"], ["ckpt_path", "no.ckpt"]),
+    "random_bytes_as_ckpt_path": ("grpo", ["--ckpt_path={tmp}/garbage.ckpt"], ["garbage.ckpt", "not a checkpoint"]),
+    "ckpt_path_last_without_a_run": ("dapo", ["--ckpt_path", "last"],
+                                     ["--ckpt_path last: no logs/dapo/version_*/checkpoints/last.ckpt"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_checks_the_whole_command_before_any_stage_runs(case, tmp_path, capsys, monkeypatch):
+    algo, args, words = TRAIN_CASES[case]
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    (tmp_path / "garbage.ckpt").write_bytes(random.Random(0).randbytes(4096))
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALIGNLAB_DEBUG", raising=False)
+    ran = []
+    monkeypatch.setattr(train, "fit", lambda stage, extra: ran.append(stage))
+    with pytest.raises(SystemExit) as e:
+        train.main([algo, "--data.num_train=64", "--data.num_val=8", *(a.replace("{tmp}", str(tmp_path)) for a in args)])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and ran == []  # no stage ran, not even the missing SFT export's
+    assert_one_line_error(subprocess.CompletedProcess([], 2, out.out, out.err), *words)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_train_entry_point_checks_before_the_sft_stage(tmp_path):
+    """The real ``python -m alignlab.train`` on a fresh checkout: the typo is one line, at once, and no stage
+    has run (nothing under logs/)."""
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ALIGNLAB_DEBUG", None)
+    res = subprocess.run([sys.executable, "-m", "alignlab.train", "grpo", "--model.epsilonn=0.3"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert_one_line_error(res, "Option 'epsilonn' is not accepted")
+    assert "running stage" not in res.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["configs"]
+
+
+def test_train_runs_only_the_missing_stages_and_prints_a_config_without_them(tmp_path, monkeypatch):
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    monkeypatch.chdir(tmp_path)
+    assert train.missing_stages("ppo") == ["sft", "rm"]
+    (tmp_path / "logs" / "sft" / "latest_hf").mkdir(parents=True)
+    (tmp_path / "logs" / "sft" / "latest_hf" / "config.json").write_text("{}")
+    assert train.missing_stages("ppo") == ["rm"] and train.missing_stages("grpo") == []
+    ran = []
+    monkeypatch.setattr(train, "fit", lambda stage, extra: ran.append((stage, extra)))
+    train.main(["ppo", "--print_config"])  # no check, no stage: the config is printed by the ppo command
+    assert ran == [("ppo", ["--print_config"])]
 
 
 def test_train_skips_prerequisites_the_command_line_replaces(monkeypatch):

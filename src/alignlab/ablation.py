@@ -3,7 +3,7 @@
     python -m alignlab.ablation run [--seeds 0 1 2] [--steps 100] [--dry-run]   (= make ablation [DRY=1])
     python -m alignlab.ablation summarize [--logs logs/ablation] [--out results]
 
-``run`` trains the ablation's SFT start once (configs/ablation/sft.yaml -> logs/ablation/sft/latest/hf),
+``run`` trains the ablation's SFT start once (configs/ablation/sft.yaml -> logs/ablation/sft/latest_hf),
 then every variant x seed from that same export with the same budget, each an ordinary run of
 ``python -m alignlab fit`` (configs/base.yaml + configs/algo/dapo.yaml + configs/ablation/rl.yaml + the
 variant's switches) logged to ``logs/ablation/<variant>/seed<k>`` (``tensorboard --logdir logs/ablation``
@@ -92,7 +92,7 @@ def finished(run_dir: Path) -> bool:
 
 def ensure_sft(logs: Path, dry_run: bool) -> Path:
     """The ablation's SFT export (trained once, shared by every variant and seed)."""
-    export = logs / "sft" / "latest" / "hf"
+    export = logs / "sft" / "latest_hf"
     if not (export / "config.json").is_file():
         print(f"[ablation] {export} is missing: training the SFT start (configs/ablation/sft.yaml)",
               flush=True)
@@ -267,7 +267,7 @@ def plot(results: dict[str, list[Run]], path: Path, sft: float | None = None) ->
 
 def sft_accuracy(logs: Path) -> float | None:
     """The last validation accuracy of the shared SFT start, if its event files are there."""
-    run = logs / "sft" / "latest"
+    run = (logs / "sft" / "latest_hf").resolve().parent
     if not any(run.glob("events.out.tfevents.*")):
         return None
     val = load_run(run).val

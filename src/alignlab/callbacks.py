@@ -11,11 +11,14 @@ import lightning as L
 
 class HFExport(L.Callback):
     """At the end of training write ``<run dir>/hf`` (config.json, model.safetensors, tokenizer) and point
-    ``<log root>/<name>/latest`` at the run, so the next stage can use ``init_from: logs/<algo>/latest/hf``.
+    ``<log root>/<name>/latest_hf`` at it, so the next stage can use ``init_from: logs/<algo>/latest_hf``.
+
+    The link points at the export itself, not at the run: a link to a run directory is a second copy of
+    that run for TensorBoard, which lists every directory with event files, links included.
 
     The export never overwrites an existing one, except in a run resumed from a checkpoint (``--ckpt_path
-    last`` continues the run directory): then the new export replaces the old. ``latest`` is swapped
-    atomically (a symlink rename).
+    last`` continues the run directory): then the new export replaces the old. ``latest_hf`` is swapped
+    atomically (a symlink rename). A ``latest`` link to a run, which earlier versions wrote, is removed.
     """
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -33,9 +36,10 @@ class HFExport(L.Callback):
             shutil.rmtree(old)
         else:
             pl_module.export(out)
-        latest = run_dir.parent / "latest"
-        tmp = run_dir.parent / f".latest.{os.getpid()}"
+        tmp = run_dir.parent / f".latest_hf.{os.getpid()}"
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
-        tmp.symlink_to(run_dir.name)
-        os.replace(tmp, latest)
+        tmp.symlink_to(Path(run_dir.name, "hf"))
+        os.replace(tmp, run_dir.parent / "latest_hf")
+        if (run_dir.parent / "latest").is_symlink():
+            (run_dir.parent / "latest").unlink()

@@ -9,11 +9,16 @@
   (``SIGTERMException``); this writes ``last.ckpt`` first, so the run resumes from the step it reached.
 - ``find_last_checkpoint``: the newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt``; the CLI uses it
   for ``--ckpt_path last`` and keeps logging into that run's directory.
+- ``read_checkpoint``, ``check_weights``: what the CLI asks of a ``--ckpt_path`` before anything runs: a
+  readable Lightning checkpoint of this run's algorithm whose weights fit this run's model; else one line
+  saying what is wrong.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -68,6 +73,62 @@ class CheckpointOnSigterm(L.Callback):
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
     """The most recently written ``last.ckpt`` among the runs ``<save_dir>/<name>/version_*``, or None."""
-    runs = [d for d in Path(save_dir, name).glob("*") if d.is_dir() and not d.is_symlink()]  # not `latest`
+    runs = [d for d in Path(save_dir, name).glob("*") if d.is_dir() and not d.is_symlink()]  # not a link
     found = [d / "checkpoints" / "last.ckpt" for d in runs if (d / "checkpoints" / "last.ckpt").is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def read_checkpoint(path: str | Path, model_class: type | None = None) -> dict:
+    """The Lightning checkpoint at ``path`` (tensors memory-mapped, not read), or a ``ValueError`` naming the
+    file and what is wrong: unreadable, not a Lightning checkpoint, or written by another class than
+    ``model_class`` (the algorithm this run configures)."""
+    where = f"ckpt_path: {path}"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...: which one depends on the bytes
+        raise ValueError(f"{where}: {unreadable(Path(path), e)}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{where}: not a Lightning checkpoint (a torch.save file without a state_dict)")
+    written_by = (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    if model_class is not None and written_by is not None and resolve(written_by) is not model_class:
+        raise ValueError(f"{where}: a checkpoint of {written_by}, not of this run's model ({model_class.__name__})")
+    return ckpt
+
+
+def check_weights(path: str | Path, model: L.LightningModule) -> None:
+    """A ``ValueError`` unless the checkpoint's weights have the names and shapes of ``model``'s."""
+    where = f"ckpt_path: {path}"
+    expected, found = model.state_dict(), read_checkpoint(path, type(model))["state_dict"]
+    for key, value in found.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{where}: another model shape: {key} is {tuple(value.shape)} in the checkpoint, "
+                             f"{tuple(expected[key].shape)} in this run's model (built from init_from or arch)")
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if model.strict_loading and (missing or unexpected):
+        what = [f"{name} {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+                for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ValueError(f"{where}: its weights do not fit this run's model ({'; '.join(what)}): written "
+                         f"with other options or by another version of alignlab")
+
+
+def unreadable(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` failed, in words: Lightning writes checkpoints as torch.save's zip archive."""
+    if path.stat().st_size == 0:
+        return "an empty file, not a checkpoint"
+    with open(path, "rb") as f:
+        zip_start = f.read(4) == b"PK\x03\x04"
+    if not zipfile.is_zipfile(path):
+        return ("truncated or damaged: a torch.save archive whose end is missing" if zip_start else
+                "not a checkpoint: not a torch.save archive")
+    detail = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if detail and detail[0].startswith("Weights only load failed"):
+        reason = next((ln for ln in detail[1:] if not ln.startswith(("Check the documentation", "Please file"))), "")
+        return f"holds objects other than tensors and plain containers, which are never loaded ({reason})"
+    return f"damaged: {detail[0] if detail else type(error).__name__}"
+
+
+def resolve(class_path: str):
+    """The class a checkpoint's ``_class_path`` names among the modules already imported (a file's contents
+    never make us import anything), or None."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(sys.modules.get(module), name, None)

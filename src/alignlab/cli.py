@@ -5,18 +5,22 @@
 Bad input is one line on stderr, ``error: <what is wrong, naming the key, file or argument>``, exit code 2,
 and nothing written: config and argument errors come from the parser or from the modules' ``__init__``;
 data, data-vs-model, ``--ckpt_path`` and run-directory checks run in ``before_fit``, before Lightning
-creates the run directory. A run stopped by a NaN (``model.nonfinite=stop``) is one line and exit code 1.
-``ALIGNLAB_DEBUG=1`` restores the full messages and tracebacks.
+creates the run directory. ``check(args)`` runs all of that and stops there: no training, nothing written
+(``alignlab.train`` checks the whole command with it before running any stage). A run stopped by a NaN
+(``model.nonfinite=stop``) is one line and exit code 1. ``ALIGNLAB_DEBUG=1`` restores the full messages and
+tracebacks.
 
 Resume::
 
     ... --ckpt_path last        resume the newest logs/<name>/version_*/checkpoints/last.ckpt, logging on
                                 into that run's directory (its config is kept; this one goes to
-                                config.resume.yaml)
+                                config.resume.yaml); an error if there is none
+    ... --ckpt_path FILE        resume FILE: it must be a checkpoint of this algorithm and model shape
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -24,6 +28,7 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -31,7 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import alignlab
 from alignlab.algorithms.base import NonFiniteError
-from alignlab.checkpoint import find_last_checkpoint
+from alignlab.checkpoint import check_weights, find_last_checkpoint, read_checkpoint, resolve
 from alignlab.data.datamodule import AlignDataModule
 
 # Errors our own checks raise (check(), DataError, hf.py, the tokenizer, the checks below).
@@ -66,12 +71,25 @@ class AlignCLI(LightningCLI):
         # the tokenizer comes from the same directory as the weights
         parser.link_arguments("model.init_args.init_from", "data.tokenizer", apply_on="parse")
 
+    def parse_arguments(self, parser, args) -> None:
+        """A ``--ckpt_path`` file must be a readable checkpoint of the configured algorithm before Lightning
+        reads it next (``_parse_ckpt_path``: a plain ``torch.load``, whose hyper-parameters, class included,
+        then replace the configured model's)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path, resolve(config.model.class_path))
+
     def before_fit(self) -> None:
         """Every check that can fail on bad input, before Lightning writes the run directory."""
         ckpt_path = self._get(self.config, "ckpt_path")
         if ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS and "://" not in str(ckpt_path) \
-                and not str(ckpt_path).startswith("registry:") and not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path: {ckpt_path}: no such checkpoint file")
+                and not str(ckpt_path).startswith("registry:"):
+            if not Path(ckpt_path).is_file():
+                raise FileNotFoundError(f"ckpt_path: {ckpt_path}: no such checkpoint file")
+            check_weights(ckpt_path, self.model)
         if ckpt_path is None:
             self.refuse_existing_run()
         self.datamodule.setup("fit")  # reads and checks every row; the trainer's own call reuses them
@@ -108,21 +126,30 @@ class AlignCLI(LightningCLI):
             return  # no TensorBoard run directory: Lightning's own lookup
         args = logger.init_args
         save_dir = args.get("save_dir") or self.config.fit.trainer.get("default_root_dir") or "."
-        last = find_last_checkpoint(save_dir, args.get("name") or "lightning_logs")
-        if last is None:
-            return  # Lightning warns "no last checkpoint" and starts fresh
+        name = args.get("name") or "lightning_logs"
+        last = find_last_checkpoint(save_dir, name)
+        if last is None:  # Lightning would warn and start a fresh run
+            raise FileNotFoundError(f"--ckpt_path last: no {Path(save_dir, name)}/version_*/checkpoints/last.ckpt "
+                                    f"to resume (leave --ckpt_path out to start a new run)")
         self.config.fit.ckpt_path = str(last)
         args.version = last.parent.parent.name
         self.save_config_kwargs.update(config_filename="config.resume.yaml", overwrite=True)
 
 
-def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
+class CheckCLI(AlignCLI):
+    """``fit`` up to its last check: parse, instantiate, ``before_fit``; then stop instead of training."""
+
+    def fit(self, **kwargs) -> None:
+        pass
+
+
+def main(args: list[str] | None = None, run: bool = True, cli_class: type[AlignCLI] = AlignCLI) -> AlignCLI:
     # Lightning warns at every checkpoint of a manually optimised module (GRPO, DAPO, PPO) that it holds the
     # weights after the optimizer step, with a code sample for keeping the ones before. After the step is
     # what we save on purpose: weights, optimizer state and step counter agree, and resuming from it is
     # exact (tests/test_resume.py).
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    return AlignCLI(
+    return cli_class(
         L.LightningModule,
         AlignDataModule,
         subclass_mode_model=True,
@@ -133,6 +160,36 @@ def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+@contextmanager
+def quietly():
+    """Without Lightning's info lines and without warnings (the run itself shows them), and ``sys.argv`` out
+    of sight (LightningCLI warns when it sees both ``args`` and command-line arguments)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [log.level for log in loggers]
+    try:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), mock.patch.object(sys, "argv", sys.argv[:1]):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def check(args: list[str]) -> AlignCLI:
+    """Every check ``main(args)`` runs before it writes anything (keys, types, values, files, ``--ckpt_path``,
+    data, run directory), quietly, without training or writing; the same errors."""
+    with quietly():
+        return main(args, cli_class=CheckCLI)
+
+
+def instantiate(args: list[str]) -> AlignCLI:
+    """Model, data and trainer of a config (``args`` without ``fit``), quietly; nothing checked beyond that."""
+    with quietly():
+        return main(args, run=False)
 
 
 def root_cause(e: BaseException) -> BaseException:

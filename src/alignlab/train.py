@@ -2,10 +2,13 @@
 
 Runs ``fit`` with ``configs/base.yaml`` + ``configs/algo/ALGO.yaml`` and the extra arguments, after first
 running every earlier stage whose export is missing. A stage's prerequisites are read from its config:
-each ``logs/<stage>/latest`` path it mentions (``init_from: logs/sft/latest/hf``) names a stage that must
+each ``logs/<stage>/latest_hf`` path it mentions (``init_from: logs/sft/latest_hf``) names a stage that must
 have finished, unless the command line sets that key itself (``--model.init_args.init_from my/hf``).
-Prerequisites run with their own default configs. The child's bad-input errors are its one line and exit
-code; this process adds no traceback.
+Prerequisites run with their own default configs.
+
+Before any stage runs, the whole command is checked (``check``): a typo, a wrong type, a bad value, a bad
+``--ckpt_path`` or a missing data file is reported at once, not after a prerequisite has trained. Errors
+are one line and an exit code (the child's, or this process's); this process adds no traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -40,37 +44,72 @@ def config_values(node, key: str = ""):
         yield key, node
 
 
+EXPORT = re.compile(r"logs/(\w+)/latest_hf")  # a stage's newest export, written by alignlab.callbacks.HFExport
+
+
+def exports_named(algo: str) -> list[tuple[str, str]]:
+    """(dotted key, value) of the algorithm's config values that name a ``logs/<stage>/latest_hf`` export."""
+    return [(key, value) for key, value in config_values(yaml.safe_load(algo_config(algo).read_text()))
+            if EXPORT.search(str(value))]
+
+
 def prerequisites(algo: str, extra: list[str] = ()) -> list[str]:
-    """Stages named by ``logs/<stage>/latest`` in the algorithm's config, in order of appearance, except
+    """Stages named by ``logs/<stage>/latest_hf`` in the algorithm's config, in order of appearance, except
     where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from X`` or ``...=X``."""
     overridden = {a[2:].split("=", 1)[0].removesuffix("+") for a in extra if a.startswith("--")}
-    stages = [s for key, value in config_values(yaml.safe_load(algo_config(algo).read_text()))
-              if key not in overridden for s in re.findall(r"logs/(\w+)/latest", str(value))]
+    stages = [s for key, value in exports_named(algo) if key not in overridden for s in EXPORT.findall(str(value))]
     return list(dict.fromkeys(s for s in stages if s != algo))
 
 
 def exported(stage: str) -> bool:
-    return (Path("logs") / stage / "latest" / "hf" / "config.json").is_file()
+    return (Path("logs") / stage / "latest_hf" / "config.json").is_file()
+
+
+def missing_stages(algo: str, extra: list[str] = (), seen: tuple[str, ...] = ()) -> list[str]:
+    """The earlier stages to run before ``algo``, in order: each prerequisite whose export is missing, after
+    its own missing prerequisites."""
+    if algo in seen:
+        raise SystemExit(f"error: configs/algo: circular prerequisites {' -> '.join(seen + (algo,))}")
+    order: list[str] = []
+    for dep in prerequisites(algo, extra):
+        if not exported(dep):
+            order += [s for s in [*missing_stages(dep, (), seen + (algo,)), dep] if s not in order]
+    return order
+
+
+def config_args(algo: str, extra: list[str]) -> list[str]:
+    return ["--config", str(CONFIGS / "base.yaml"), "--config", str(algo_config(algo)), *extra]
 
 
 def fit(algo: str, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "alignlab", "fit", "--config", str(CONFIGS / "base.yaml"),
-           "--config", str(algo_config(algo)), *extra]
+    cmd = [sys.executable, "-m", "alignlab", "fit", *config_args(algo, extra)]
     print("+ " + " ".join(cmd[1:]), flush=True)
     code = subprocess.call(cmd)
     if code:
         raise SystemExit(code)
 
 
-def ensure(stage: str, seen: tuple[str, ...] = ()) -> None:
-    """Run the stage (after its own prerequisites) unless its export already exists."""
-    if stage in seen:
-        raise SystemExit(f"error: configs/algo: circular prerequisites {' -> '.join(seen + (stage,))}")
-    for dep in prerequisites(stage):
-        ensure(dep, seen + (stage,))
-    if not exported(stage):
-        print(f"[alignlab] logs/{stage}/latest/hf is missing: running stage {stage!r} first", flush=True)
-        fit(stage, [])
+def check(algo: str, extra: list[str], stages: list[str]) -> None:
+    """Check the command as its run would check it (``alignlab.cli.check``: keys, types, values, files,
+    ``--ckpt_path``, data), training and writing nothing; the first error is one line and exit code 2.
+
+    An export that an earlier stage (of ``stages``) has yet to write is stood in for by that stage's model as
+    its config builds it, untrained, exported to a temporary directory: the same architecture and tokenizer,
+    so the checks that need the model (lengths against ``max_seq_len``, checkpoint shapes) run as well."""
+    from alignlab.cli import check as check_fit, instantiate, one_line_errors  # torch, Lightning: only here
+
+    with tempfile.TemporaryDirectory(prefix="alignlab-check-") as tmp, one_line_errors():
+        stand_ins: dict[str, str] = {}
+
+        def args(stage: str, extra: list[str]) -> list[str]:
+            use = [f"--{key}={EXPORT.sub(lambda m: stand_ins.get(m[1], m[0]), value)}"
+                   for key, value in exports_named(stage) if set(EXPORT.findall(value)) & stand_ins.keys()]
+            return config_args(stage, [*use, *extra])
+
+        for stage in stages:
+            instantiate(args(stage, [])).model.export(Path(tmp, stage))
+            stand_ins[stage] = str(Path(tmp, stage))
+        check_fit(["fit", *args(algo, extra)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,8 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: python -m alignlab.train ALGO [--key value ...]")
     algo, extra = argv[0], argv[1:]
-    for dep in prerequisites(algo, extra):
-        ensure(dep, (algo,))
+    if any(a in ("-h", "--help") or a.startswith("--print_config") for a in extra):
+        return fit(algo, extra)  # the config or the help: no stage needs to run for it
+    stages = missing_stages(algo, extra)
+    check(algo, extra, stages)
+    for stage in stages:
+        print(f"[alignlab] logs/{stage}/latest_hf is missing: running stage {stage!r} first", flush=True)
+        fit(stage, [])
     fit(algo, extra)
 
 
