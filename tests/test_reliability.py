@@ -64,7 +64,8 @@ def cli_args(tmp_path: Path, algo: str, *args: str, module: str = "alignlab") ->
 def run_cli(tmp_path: Path, algo: str, *args: str, code: int = 2, module: str = "alignlab") -> subprocess.CompletedProcess:
     """The real entry point in a subprocess, in tmp_path."""
     cmd = [sys.executable, "-m", module, *cli_args(tmp_path, algo, *args, module=module)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ALIGNLAB_DEBUG", None)
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == code, res.stderr[-3000:]
@@ -273,7 +274,8 @@ CASES = {
                           ["max_seq_len=16", "data.max_completion_length"]),
     "ckpt_path_last_without_a_run": ("sft", ["--ckpt_path", "last"],
                                      ["--ckpt_path last", "/sft/version_*/checkpoints/last.ckpt"]),
-    "random_bytes_as_ckpt_path": ("sft", ["--ckpt_path={tmp}/garbage.ckpt"], ["garbage.ckpt", "not a checkpoint"]),
+    "random_bytes_as_ckpt_path": ("sft", ["--ckpt_path={tmp}/garbage.ckpt"],
+                                  ["garbage.ckpt", "not a checkpoint"]),
     "truncated_ckpt_path": ("sft", ["--ckpt_path={tmp}/truncated.ckpt"], ["truncated.ckpt", "truncated"]),
     "ckpt_path_without_weights": ("sft", ["--ckpt_path={tmp}/tensors.ckpt"],
                                   ["tensors.ckpt", "not a Lightning checkpoint"]),
@@ -321,7 +323,8 @@ def test_ckpt_path_of_another_model_shape_or_algorithm_is_one_line(tmp_path, cap
     before = sorted(tmp_path.rglob("*"))
     res = run_in_process(tmp_path, "sft", f"--ckpt_path={ckpt}", capsys=capsys, monkeypatch=monkeypatch)
     assert res.returncode == 2
-    assert_one_line_error(res, f"ckpt_path: {ckpt}: another model shape", "(128, 64) in the checkpoint", "(128, 32)")
+    assert_one_line_error(res, f"ckpt_path: {ckpt}: another model shape", "(128, 64) in the checkpoint",
+                          "(128, 32) in this run's model")
     res = run_in_process(tmp_path, "grpo", f"--ckpt_path={ckpt}", capsys=capsys, monkeypatch=monkeypatch)
     assert res.returncode == 2
     assert_one_line_error(res, f"ckpt_path: {ckpt}: a checkpoint of alignlab.algorithms.SFT", "(GRPO)")
@@ -336,7 +339,7 @@ def test_entry_point_bad_input_is_one_line(tmp_path):
 
 
 def test_train_entry_point_bad_input_is_one_line(tmp_path):
-    """``python -m alignlab.train grpo`` with its own init_from: no SFT stage is run, the check's line is shown."""
+    """``python -m alignlab.train grpo`` with its own init_from: no SFT stage runs, one line from the check."""
     (tmp_path / "configs").symlink_to(CONFIGS)
     res = run_cli(tmp_path, "grpo", "--model.init_args.init_from", str(tmp_path / "missing"), module="alignlab.train")
     assert_one_line_error(res, "model.init_from", "missing")
@@ -353,7 +356,8 @@ TRAIN_CASES = {
                                    ["max_seq_len=64", "model.max_new_tokens"]),
     "missing_data_file": ("dpo", ["--data.train_file={tmp}/no.jsonl"], ["no.jsonl", "no such file"]),
     "missing_ckpt_path": ("grpo", ["--ckpt_path={tmp}/no.ckpt"], ["ckpt_path", "no.ckpt"]),
-    "random_bytes_as_ckpt_path": ("grpo", ["--ckpt_path={tmp}/garbage.ckpt"], ["garbage.ckpt", "not a checkpoint"]),
+    "random_bytes_as_ckpt_path": ("grpo", ["--ckpt_path={tmp}/garbage.ckpt"],
+                                  ["garbage.ckpt", "not a checkpoint"]),
     "ckpt_path_last_without_a_run": ("dapo", ["--ckpt_path", "last"],
                                      ["--ckpt_path last: no logs/dapo/version_*/checkpoints/last.ckpt"]),
 }
@@ -370,7 +374,8 @@ def test_train_checks_the_whole_command_before_any_stage_runs(case, tmp_path, ca
     ran = []
     monkeypatch.setattr(train, "fit", lambda stage, extra: ran.append(stage))
     with pytest.raises(SystemExit) as e:
-        train.main([algo, "--data.num_train=64", "--data.num_val=8", *(a.replace("{tmp}", str(tmp_path)) for a in args)])
+        train.main([algo, "--data.num_train=64", "--data.num_val=8",
+                    *(a.replace("{tmp}", str(tmp_path)) for a in args)])
     out = capsys.readouterr()
     assert e.value.code == 2 and ran == []  # no stage ran, not even the missing SFT export's
     assert_one_line_error(subprocess.CompletedProcess([], 2, out.out, out.err), *words)
@@ -383,8 +388,8 @@ def test_train_entry_point_checks_before_the_sft_stage(tmp_path):
     (tmp_path / "configs").symlink_to(CONFIGS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ALIGNLAB_DEBUG", None)
-    res = subprocess.run([sys.executable, "-m", "alignlab.train", "grpo", "--model.epsilonn=0.3"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "alignlab.train", "grpo", "--model.epsilonn=0.3"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert_one_line_error(res, "Option 'epsilonn' is not accepted")
     assert "running stage" not in res.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["configs"]

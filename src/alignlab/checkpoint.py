@@ -91,7 +91,8 @@ def read_checkpoint(path: str | Path, model_class: type | None = None) -> dict:
         raise ValueError(f"{where}: not a Lightning checkpoint (a torch.save file without a state_dict)")
     written_by = (ckpt.get("hyper_parameters") or {}).get("_class_path")
     if model_class is not None and written_by is not None and resolve(written_by) is not model_class:
-        raise ValueError(f"{where}: a checkpoint of {written_by}, not of this run's model ({model_class.__name__})")
+        raise ValueError(f"{where}: a checkpoint of {written_by}, not of this run's model "
+                         f"({model_class.__name__})")
     return ckpt
 
 
@@ -101,8 +102,9 @@ def check_weights(path: str | Path, model: L.LightningModule) -> None:
     expected, found = model.state_dict(), read_checkpoint(path, type(model))["state_dict"]
     for key, value in found.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{where}: another model shape: {key} is {tuple(value.shape)} in the checkpoint, "
-                             f"{tuple(expected[key].shape)} in this run's model (built from init_from or arch)")
+            raise ValueError(f"{where}: another model shape: {key} is {tuple(value.shape)} in the "
+                             f"checkpoint, {tuple(expected[key].shape)} in this run's model (built from "
+                             f"init_from or arch)")
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if model.strict_loading and (missing or unexpected):
         what = [f"{name} {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
@@ -122,7 +124,8 @@ def unreadable(path: Path, error: Exception) -> str:
                 "not a checkpoint: not a torch.save archive")
     detail = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     if detail and detail[0].startswith("Weights only load failed"):
-        reason = next((ln for ln in detail[1:] if not ln.startswith(("Check the documentation", "Please file"))), "")
+        boilerplate = ("Check the documentation", "Please file")
+        reason = next((ln for ln in detail[1:] if not ln.startswith(boilerplate)), "")
         return f"holds objects other than tensors and plain containers, which are never loaded ({reason})"
     return f"damaged: {detail[0] if detail else type(error).__name__}"
 

@@ -129,8 +129,8 @@ class AlignCLI(LightningCLI):
         name = args.get("name") or "lightning_logs"
         last = find_last_checkpoint(save_dir, name)
         if last is None:  # Lightning would warn and start a fresh run
-            raise FileNotFoundError(f"--ckpt_path last: no {Path(save_dir, name)}/version_*/checkpoints/last.ckpt "
-                                    f"to resume (leave --ckpt_path out to start a new run)")
+            raise FileNotFoundError(f"--ckpt_path last: no {Path(save_dir, name)}/version_*/checkpoints/"
+                                    f"last.ckpt to resume (leave --ckpt_path out to start a new run)")
         self.config.fit.ckpt_path = str(last)
         args.version = last.parent.parent.name
         self.save_config_kwargs.update(config_filename="config.resume.yaml", overwrite=True)
@@ -187,7 +187,7 @@ def check(args: list[str]) -> AlignCLI:
 
 
 def instantiate(args: list[str]) -> AlignCLI:
-    """Model, data and trainer of a config (``args`` without ``fit``), quietly; nothing checked beyond that."""
+    """Model, data and trainer of a config (``args`` without ``fit``), quietly; no checks beyond those."""
     with quietly():
         return main(args, run=False)
 

@@ -44,7 +44,7 @@ def config_values(node, key: str = ""):
         yield key, node
 
 
-EXPORT = re.compile(r"logs/(\w+)/latest_hf")  # a stage's newest export, written by alignlab.callbacks.HFExport
+EXPORT = re.compile(r"logs/(\w+)/latest_hf")  # a stage's newest export (alignlab.callbacks.HFExport's link)
 
 
 def exports_named(algo: str) -> list[tuple[str, str]]:
@@ -57,7 +57,7 @@ def prerequisites(algo: str, extra: list[str] = ()) -> list[str]:
     """Stages named by ``logs/<stage>/latest_hf`` in the algorithm's config, in order of appearance, except
     where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from X`` or ``...=X``."""
     overridden = {a[2:].split("=", 1)[0].removesuffix("+") for a in extra if a.startswith("--")}
-    stages = [s for key, value in exports_named(algo) if key not in overridden for s in EXPORT.findall(str(value))]
+    stages = [s for key, value in exports_named(algo) if key not in overridden for s in EXPORT.findall(value)]
     return list(dict.fromkeys(s for s in stages if s != algo))
 
 
@@ -89,6 +89,13 @@ def fit(algo: str, extra: list[str]) -> None:
         raise SystemExit(code)
 
 
+def stand_in_args(stage: str, stand_ins: dict[str, str]) -> list[str]:
+    """``--key=value`` for each key of the stage's config that names an export of ``stand_ins``, with that
+    ``logs/<stage>/latest_hf`` replaced by its stand-in directory."""
+    return [f"--{key}={EXPORT.sub(lambda m: stand_ins.get(m[1], m[0]), value)}"
+            for key, value in exports_named(stage) if set(EXPORT.findall(value)) & stand_ins.keys()]
+
+
 def check(algo: str, extra: list[str], stages: list[str]) -> None:
     """Check the command as its run would check it (``alignlab.cli.check``: keys, types, values, files,
     ``--ckpt_path``, data), training and writing nothing; the first error is one line and exit code 2.
@@ -100,16 +107,10 @@ def check(algo: str, extra: list[str], stages: list[str]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="alignlab-check-") as tmp, one_line_errors():
         stand_ins: dict[str, str] = {}
-
-        def args(stage: str, extra: list[str]) -> list[str]:
-            use = [f"--{key}={EXPORT.sub(lambda m: stand_ins.get(m[1], m[0]), value)}"
-                   for key, value in exports_named(stage) if set(EXPORT.findall(value)) & stand_ins.keys()]
-            return config_args(stage, [*use, *extra])
-
         for stage in stages:
-            instantiate(args(stage, [])).model.export(Path(tmp, stage))
+            instantiate(config_args(stage, stand_in_args(stage, stand_ins))).model.export(Path(tmp, stage))
             stand_ins[stage] = str(Path(tmp, stage))
-        check_fit(["fit", *args(algo, extra)])
+        check_fit(["fit", *config_args(algo, [*stand_in_args(algo, stand_ins), *extra])])
 
 
 def main(argv: list[str] | None = None) -> None:
