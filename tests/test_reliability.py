@@ -382,17 +382,23 @@ def test_train_checks_the_whole_command_before_any_stage_runs(case, tmp_path, ca
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_train_entry_point_checks_before_the_sft_stage(tmp_path):
-    """The real ``python -m alignlab.train`` on a fresh checkout: the typo is one line, at once, and no stage
-    has run (nothing under logs/)."""
+@pytest.mark.parametrize("command, words", [
+    (["grpo", "--model.epsilonn=0.3"], ["Option 'epsilonn' is not accepted"]),  # checked before SFT runs
+    (["sft", "--ckpt_path=garbage.ckpt"], ["ckpt_path: garbage.ckpt: not a checkpoint"]),  # by the SFT run itself
+])
+def test_train_entry_point_bad_command_is_one_line_before_any_stage(command, words, tmp_path):
+    """The real ``python -m alignlab.train`` (``make train``) on a fresh checkout: one line, exit code 2, no
+    stage has run and nothing is written."""
     (tmp_path / "configs").symlink_to(CONFIGS)
+    (tmp_path / "garbage.ckpt").write_bytes(random.Random(0).randbytes(4096))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("ALIGNLAB_DEBUG", None)
-    res = subprocess.run([sys.executable, "-m", "alignlab.train", "grpo", "--model.epsilonn=0.3"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "alignlab.train", *command], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
-    assert_one_line_error(res, "Option 'epsilonn' is not accepted")
-    assert "running stage" not in res.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["configs"]
+    assert_one_line_error(res, *words)
+    assert "running stage" not in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "garbage.ckpt"]
 
 
 def test_train_runs_only_the_missing_stages_and_prints_a_config_without_them(tmp_path, monkeypatch):

@@ -6,9 +6,10 @@ each ``logs/<stage>/latest_hf`` path it mentions (``init_from: logs/sft/latest_h
 have finished, unless the command line sets that key itself (``--model.init_args.init_from my/hf``).
 Prerequisites run with their own default configs.
 
-Before any stage runs, the whole command is checked (``check``): a typo, a wrong type, a bad value, a bad
-``--ckpt_path`` or a missing data file is reported at once, not after a prerequisite has trained. Errors
-are one line and an exit code (the child's, or this process's); this process adds no traceback.
+When earlier stages have to run, the whole command is checked first (``check``): a typo, a wrong type, a bad
+value, a bad ``--ckpt_path`` or a missing data file is reported at once, not after a prerequisite has
+trained. Errors are one line and an exit code (the child's, or this process's); this process adds no
+traceback.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") or a.startswith("--print_config") for a in extra):
         return fit(algo, extra)  # the config or the help: no stage needs to run for it
     stages = missing_stages(algo, extra)
-    check(algo, extra, stages)
+    if stages:  # without them the run itself checks everything first
+        check(algo, extra, stages)
     for stage in stages:
         print(f"[alignlab] logs/{stage}/latest_hf is missing: running stage {stage!r} first", flush=True)
         fit(stage, [])
