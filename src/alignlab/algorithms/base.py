@@ -424,6 +424,9 @@ class PolicyModule(L.LightningModule):
         holds are left out; ``rebuilt_from`` keeps each one's directory and weights digest instead."""
         state = self.generator.get_state()
         checkpoint["sampling_generator"] = self.all_gather(state) if self.world_size > 1 else state[None]
+        # torch's own stream drives dropout (LoRA's): restored at the next training batch (below)
+        state = torch.get_rng_state().to(self.device)
+        checkpoint["torch_rng_state"] = self.all_gather(state) if self.world_size > 1 else state[None]
         weights, rebuilt = checkpoint.get("state_dict", {}), {}
         for prefix, (directory, digest, keys) in self.rebuildable_keys().items():
             for k in keys:
@@ -433,6 +436,9 @@ class PolicyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.restore_rebuilt(checkpoint)
+        rng = checkpoint.get("torch_rng_state")
+        if rng is not None:
+            self._resume_rng_state = rng[self.global_rank % len(rng)].to("cpu", torch.uint8).clone()
         states = checkpoint.get("sampling_generator")
         if states is None:
             return
@@ -441,6 +447,13 @@ class PolicyModule(L.LightningModule):
                            f"{self.world_size}: rank r continues rank r mod {len(states)}'s stream")
         # clone: set_state on a view with a storage offset (a row of the (world, N) tensor) segfaults
         self.generator.set_state(states[self.global_rank % len(states)].to("cpu", torch.uint8).clone())
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """After a resume, torch's random stream continues where the checkpointed run was at this point: set
+        here rather than at load time, since Lightning draws from it in between (starting the data loader)."""
+        if getattr(self, "_resume_rng_state", None) is not None:
+            torch.set_rng_state(self._resume_rng_state)
+            self._resume_rng_state = None
 
     def restore_rebuilt(self, checkpoint: dict) -> None:
         """Put the weights a checkpoint left out back into it, from this run's models, after checking that they
