@@ -147,8 +147,11 @@ def test_peft_loads_the_adapter_export_on_the_transformers_base_model(tmp_path):
         want = module.policy(ids, mask)
         theirs = adapted(input_ids=ids, attention_mask=mask,
                          position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()  # adapter/ beside it
+        merged = merged(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     real = mask.bool()
     torch.testing.assert_close(theirs[real], want[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(merged[real], want[real], atol=1e-4, rtol=0)
     with torch.no_grad(), adapted.disable_adapter():  # and peft's base = our adapters-off reference
         base = adapted(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
         ref = AdaptersOff(module.policy)(ids, mask)

@@ -1,9 +1,10 @@
 """PolicyModule: what every algorithm shares.
 
-The policy (a hand-written ``Transformer``, fresh or loaded from an HF export), an optional frozen
-reference copy, the tokenizer, per-token log-probs of completions, AdamW with warm-up, validation by
-greedy generation (``val/accuracy`` and a text table of samples), and the HF export at the end of
-training. Subclasses add a ``training_step``; their ``__init__`` arguments are their config.
+The policy (a hand-written ``Transformer``, fresh or loaded from an HF export; with ``lora`` only its
+adapters train), an optional frozen reference (a copy, or with LoRA the policy with its adapters off), the
+tokenizer, per-token log-probs of completions, AdamW with warm-up, validation by greedy generation
+(``val/accuracy`` and a text table of samples), and the HF export at the end of training. Subclasses add a
+``training_step``; their ``__init__`` arguments are their config.
 
 Non-finite values (``nonfinite``): before every optimizer step -- automatic (SFT, DPO, RM) or manual (the
 on-policy loop) optimisation alike -- ``on_before_optimizer_step`` checks that the loss of the backward and
@@ -94,7 +95,7 @@ class PolicyModule(L.LightningModule):
             activation_checkpointing: recompute each Transformer block's activations in the backward instead of
                 keeping them (less memory, one more forward of the blocks).
             logits_chunk_size: score tokens without the full (B, T, V) logits: the LM head runs on the scored
-                positions only, this many at a time (memory: chunk x vocabulary floats; e.g. 1024 for a real
+                positions only, this many at a time (memory: chunk x vocabulary floats; e.g. 256 for a real
                 vocabulary). None = the full logits (the built-in 128-token vocabulary).
         """
         super().__init__()
@@ -140,7 +141,7 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ models
     def adapt(self, trunk: Transformer, source: str | None) -> None:
-        """Apply the memory options to a trained Transformer loaded from ``source`` (a directory or None): LoRA
+        """Apply the memory options to a Transformer to be trained, loaded from ``source`` (a directory or None): LoRA
         adapters (its frozen base weights are then rebuilt from ``source`` on resume) and activation
         checkpointing."""
         if self.lora is not None:
