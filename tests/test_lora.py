@@ -7,17 +7,18 @@ Models are tiny random Llama-shaped Transformers (grouped-query heads, tied embe
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers and peft read only local directories here
 
-from alignlab.algorithms import DPO, GRPO, PPO, SFT
-from alignlab.algorithms.on_policy import Rollout
-from alignlab.model.lora import LORA_TARGETS, AdaptersOff, LoRAConfig, LoRALinear, adapters_off, apply_lora
-from alignlab.model.transformer import Transformer, TransformerConfig
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from conftest import datamodule, tiny_arch
+from alignlab.algorithms import DPO, GRPO, PPO, SFT  # noqa: E402
+from alignlab.algorithms.on_policy import Rollout  # noqa: E402
+from alignlab.model.lora import LORA_TARGETS, AdaptersOff, LoRAConfig, LoRALinear, adapters_off, apply_lora  # noqa: E402
+from alignlab.model.transformer import Transformer, TransformerConfig  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from conftest import datamodule, tiny_arch  # noqa: E402
+
 LLAMA = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)  # GQA, tied
 
 
