@@ -152,8 +152,10 @@ class PolicyModule(L.LightningModule):
     def rebuildable(self, module: torch.nn.Module, source: str | None) -> None:
         """``module``'s frozen parameters equal what ``source`` holds: checkpoints leave them out and store a
         digest of the directory instead, which resume checks before the directory's weights are used."""
-        if source is not None:
-            self._rebuildable.append((module, str(source), weights_digest(source)))
+        if source is not None:  # one digest per directory (a LoRA base and PPO's critic share init_from)
+            known = {d: h for _, d, h in self._rebuildable}
+            digest = known.get(str(source)) or weights_digest(source)
+            self._rebuildable.append((module, str(source), digest))
 
     @staticmethod
     def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
