@@ -196,3 +196,54 @@ def test_resume_mid_epoch_follows_the_same_batches_across_epoch_boundaries(resum
     for step in resumed:
         assert resumed[step]["batch_idx"] == full[step]["batch_idx"]
         assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6), step
+
+
+# ------------------------------------------------------------------- checkpoints without frozen weights
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_sigkill_then_resume_with_the_reference_reloaded_from_init_from(variant, tmp_path, monkeypatch, capsys):
+    """GRPO from an init_from directory: the checkpoint holds no reference weights (full fine-tuning) or no frozen
+    base at all (LoRA: adapters + optimizer state), and the resumed run still logs the uninterrupted run's metrics;
+    with the directory changed, resuming is one line naming it (exit 2)."""
+    from alignlab.cli import cli
+    from alignlab.data.tokenizer import char_tokenizer
+    from alignlab.model.transformer import Transformer, TransformerConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    torch.manual_seed(0)
+    start = tmp_path / "start"
+    Transformer(TransformerConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=64)).to_hf(
+        start, tokenizer=char_tokenizer())
+    extra = [f"--model.init_args.init_from={start}", "--model.init_args.reward_funcs=[resume_helpers.length_parity_reward]"]
+    if variant == "lora":
+        extra += ["--model.init_args.lora.r=4", "--model.init_args.lora.dropout=0.1", "--model.init_args.lr=1e-2"]
+
+    main(cli_args("grpo", tmp_path, "full.jsonl", 6) + extra)
+    killed = subprocess.run([sys.executable, "-m", "alignlab", *cli_args("grpo", tmp_path, "part.jsonl", 6,
+                                                                         kill_after=3), *extra],
+                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpt_path = tmp_path / "logs" / "grpo" / "version_1" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert not any(k.startswith("ref.") for k in ckpt["state_dict"])
+    assert set(ckpt["rebuilt_from"]) == ({"ref."} if variant == "full" else {"policy."})
+    if variant == "lora":
+        assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])
+
+    main(cli_args("grpo", tmp_path, "part.jsonl", 6) + extra + ["--ckpt_path", "last"])
+    full, part = read_metrics(tmp_path / "full.jsonl"), read_metrics(tmp_path / "part.jsonl")
+    assert sorted(part) == sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert full[6]["train/kl"] > 0  # the policy moved away from the reference: the KL term is live
+    for step in (3, 4, 5, 6):
+        assert part[step].keys() == full[step].keys()
+        for k, v in full[step].items():
+            assert part[step][k] == pytest.approx(v, abs=1e-6), (step, k)
+
+    (start / "config.json").write_text((start / "config.json").read_text().replace('"rms_norm_eps": 1e-05',
+                                                                                 '"rms_norm_eps": 1e-06'))
+    with pytest.raises(SystemExit) as exit_:
+        cli(cli_args("grpo", tmp_path, "again.jsonl", 8) + extra + ["--ckpt_path", str(ckpt_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: ckpt_path: {ckpt_path} expects the frozen weights of ") and "now holds other" in err

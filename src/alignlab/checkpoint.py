@@ -7,6 +7,9 @@
   allow-listed plain classes only (``TransformerConfig``), never code from the file.
 - ``CheckpointOnSigterm`` (configs/base.yaml callbacks): on SIGTERM Lightning stops after the current batch
   (``SIGTERMException``); this writes ``last.ckpt`` first, so the run resumes from the step it reached.
+- ``weights_digest``: a hash of a model directory's weights, with which a checkpoint that leaves out a frozen
+  model (a reference, a reward model, a LoRA base) checks on resume that the directory still holds it
+  (``PolicyModule.on_save_checkpoint``).
 - ``find_last_checkpoint``: the newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt``; the CLI uses it
   for ``--ckpt_path last`` and keeps logging into that run's directory.
 - ``read_checkpoint``, ``check_weights``: what the CLI asks of a ``--ckpt_path`` before anything runs: a
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import zipfile
@@ -135,3 +139,16 @@ def resolve(class_path: str):
     never make us import anything), or None."""
     module, _, name = class_path.rpartition(".")
     return getattr(sys.modules.get(module), name, None)
+
+def weights_digest(directory: str | Path) -> str:
+    """blake2b of a model directory's config.json and weights (every top-level ``*.safetensors``, by name)."""
+    directory = Path(directory)
+    h = hashlib.blake2b(digest_size=16)
+    for f in [directory / "config.json", *sorted(directory.glob("*.safetensors"))]:
+        if not f.is_file():
+            continue
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()

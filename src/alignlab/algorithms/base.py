@@ -1,9 +1,10 @@
 """PolicyModule: what every algorithm shares.
 
-The policy (a hand-written ``Transformer``, fresh or loaded from an HF export), an optional frozen
-reference copy, the tokenizer, per-token log-probs of completions, AdamW with warm-up, validation by
-greedy generation (``val/accuracy`` and a text table of samples), and the HF export at the end of
-training. Subclasses add a ``training_step``; their ``__init__`` arguments are their config.
+The policy (a hand-written ``Transformer``, fresh or loaded from an HF export; with ``lora`` only its
+adapters train), an optional frozen reference (a copy, or with LoRA the policy with its adapters off), the
+tokenizer, per-token log-probs of completions, AdamW with warm-up, validation by greedy generation
+(``val/accuracy`` and a text table of samples), and the HF export at the end of training. Subclasses add a
+``training_step``; their ``__init__`` arguments are their config.
 
 Non-finite values (``nonfinite``): before every optimizer step -- automatic (SFT, DPO, RM) or manual (the
 on-policy loop) optimisation alike -- ``on_before_optimizer_step`` checks that the loss of the backward and
@@ -28,9 +29,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from alignlab.checkpoint import weights_digest
 from alignlab.data.tokenizer import load_tokenizer
-from alignlab.losses.lm import entropy_from_logits, selective_log_softmax
+from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selective_log_softmax
 from alignlab.model.generate import GenerationOutput, generate
+from alignlab.model.lora import AdaptersOff, LoRAConfig, apply_lora, save_peft_adapter
 from alignlab.model.transformer import PrefixCache, Transformer, TransformerConfig
 from alignlab.rewards.rules import accuracy_reward
 
@@ -68,6 +71,9 @@ class PolicyModule(L.LightningModule):
         sampling_seed: int = 0,
         nonfinite: Literal["skip", "stop"] = "skip",
         nonfinite_patience: int = 10,
+        lora: LoRAConfig | None = None,
+        activation_checkpointing: bool = False,
+        logits_chunk_size: int | None = None,
     ):
         """
         Args:
@@ -84,6 +90,13 @@ class PolicyModule(L.LightningModule):
             nonfinite: a NaN/Inf loss, reward or gradient norm skips the optimizer step with a warning ("skip"),
                 or stops the run with an error naming the step and the quantity ("stop").
             nonfinite_patience: with "skip", stop anyway after this many consecutive skipped steps.
+            lora: train low-rank adapters instead of the weights (``{r, alpha, dropout, target_modules}``, see
+                model/lora.py); the reference is then the policy with its adapters off. None = full fine-tuning.
+            activation_checkpointing: recompute each Transformer block's activations in the backward instead of
+                keeping them (less memory, one more forward of the blocks).
+            logits_chunk_size: score tokens without the full (B, T, V) logits: the LM head runs on the scored
+                positions only, this many at a time (memory: chunk x vocabulary floats; e.g. 256 for a real
+                vocabulary). None = the full logits (the built-in 128-token vocabulary).
         """
         super().__init__()
         check(lr > 0, "lr", f"must be > 0, got {lr}")
@@ -95,7 +108,12 @@ class PolicyModule(L.LightningModule):
               f"{init_from}: no such directory (an alignlab export or a local HF checkpoint)")
         check(nonfinite in ("skip", "stop"), "nonfinite", f"must be skip|stop, got {nonfinite!r}")
         check(nonfinite_patience >= 1, "nonfinite_patience", f"must be >= 1, got {nonfinite_patience}")
+        check(logits_chunk_size is None or logits_chunk_size >= 1, "logits_chunk_size",
+              f"must be >= 1 or null, got {logits_chunk_size}")
+        for key, message in (lora.errors() if lora is not None else []):
+            check(False, f"lora.{key}", message)
         self.save_hyperparameters()
+        self.lora = lora  # the LoRAConfig (under LightningCLI hparams hold its plain dict)
         self.tokenizer = load_tokenizer(init_from)
         if init_from is not None:
             self.policy = Transformer.from_hf(init_from)
@@ -104,7 +122,16 @@ class PolicyModule(L.LightningModule):
             check(arch.vocab_size >= len(self.tokenizer), "arch.vocab_size",
                   f"{arch.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens")
             self.policy = Transformer(arch)
-        self.ref = self.frozen_copy(self.policy) if self.needs_reference else None
+        # frozen models that equal a directory: left out of checkpoints, reloaded from it (on_save_checkpoint)
+        self._rebuildable: list[tuple[torch.nn.Module, str, str]] = []  # (module, directory, weights digest)
+        self.adapt(self.policy, init_from)
+        if not self.needs_reference:
+            self.ref = None
+        elif lora is not None:
+            self.ref = AdaptersOff(self.policy)  # the same weights, adapters off: no copy
+        else:
+            self.ref = self.frozen_copy(self.policy)
+            self.rebuildable(self.ref, init_from)
         self.val_accuracy = MeanMetric()
         self._val_samples: list[tuple[str, str, str, float]] = []
         self.generator = torch.Generator().manual_seed(sampling_seed)
@@ -113,6 +140,23 @@ class PolicyModule(L.LightningModule):
         self._loss_finite: torch.Tensor | None = None  # of the last backward, checked before the step
 
     # ------------------------------------------------------------------------------ models
+    def adapt(self, trunk: Transformer, source: str | None) -> None:
+        """Apply the memory options to a Transformer to be trained, loaded from ``source`` (a directory or None): LoRA
+        adapters (its frozen base weights are then rebuilt from ``source`` on resume) and activation
+        checkpointing."""
+        if self.lora is not None:
+            apply_lora(trunk, self.lora)
+            self.rebuildable(trunk, source)
+        trunk.activation_checkpointing = self.hparams.activation_checkpointing
+
+    def rebuildable(self, module: torch.nn.Module, source: str | None) -> None:
+        """``module``'s frozen parameters equal what ``source`` holds: checkpoints leave them out and store a
+        digest of the directory instead, which resume checks before the directory's weights are used."""
+        if source is not None:  # one digest per directory (a LoRA base and PPO's critic share init_from)
+            known = {d: h for _, d, h in self._rebuildable}
+            digest = known.get(str(source)) or weights_digest(source)
+            self._rebuildable.append((module, str(source), digest))
+
     @staticmethod
     def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
         """A copy that is never trained: eval mode, no grads, kept out of the optimizer."""
@@ -135,50 +179,83 @@ class PolicyModule(L.LightningModule):
         return self.tokenizer.pad_token_id
 
     # -------------------------------------------------------------------------- log-probs
-    def completion_logits(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                          prompt_index: torch.Tensor | None = None):
-        """Logits that predict each completion token: (B, C, V).
+    def completion_states(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          prompt_index: torch.Tensor | None = None, hidden: bool = False):
+        """Logits (B, C, V) that predict each completion token, or with ``hidden`` the final hidden states
+        (B, C, D) at those positions (the LM head left to ``token_logps``).
 
         Without ``prompt_index``: one forward over prompt + completion. With it, (B,) ids where equal ids
         mean the same prompt (a GRPO group): each distinct prompt goes through the model once, its keys and
         values are shared by its rows' completions (``PrefixCache``), and gradients add up in the prompt.
-        Same logits and gradients, (B - U) x P fewer token positions computed (U distinct prompts).
+        Same values and gradients, (B - U) x P fewer token positions computed (U distinct prompts).
         """
         C = completion_ids.shape[1]
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
         uniq, inverse = torch.unique(prompt_index, return_inverse=True) if prompt_index is not None else (None, None)
         if uniq is None or len(uniq) == len(inverse):  # no prompt is shared: one forward over the full rows
-            return model(torch.cat([prompt_ids, completion_ids], dim=1), mask, logits_to_keep=C + 1)[:, :-1]
+            return model(torch.cat([prompt_ids, completion_ids], dim=1), mask, logits_to_keep=C + 1,
+                         return_hidden=hidden)[:, :-1]
         rows = torch.arange(len(inverse), device=inverse.device)
         first = torch.full_like(uniq, len(inverse)).scatter_reduce(0, inverse, rows, "amin")  # a row per prompt
         cache = PrefixCache()
-        last = model(prompt_ids[first], prompt_mask[first], cache=cache, logits_to_keep=1)  # predicts token 0
+        last = model(prompt_ids[first], prompt_mask[first], cache=cache, logits_to_keep=1,
+                     return_hidden=hidden)  # predicts token 0
         last = last.index_select(0, inverse)
         if C == 1:
             return last
         cache.select_rows(inverse)
-        rest = model(completion_ids[:, :-1], mask[:, :-1], cache=cache)  # predict tokens 1 .. C-1
+        rest = model(completion_ids[:, :-1], mask[:, :-1], cache=cache, return_hidden=hidden)  # tokens 1 .. C-1
         return torch.cat([last, rest], dim=1)
+
+    @property
+    def chunked_logits(self) -> bool:
+        return self.hparams.logits_chunk_size is not None
+
+    def token_logps(self, model, states, targets, mask, temperature: float = 1.0, with_entropy: bool = False,
+                    entropy_grad: bool = False):
+        """Log-probs (B, T) of ``targets`` under softmax(logits / temperature) [, entropies (B, T)].
+
+        ``states`` are the logits (B, T, V), or with ``logits_chunk_size`` set the final hidden states (B, T, D):
+        then the LM head runs at the positions where ``mask`` is 1 only, ``logits_chunk_size`` of them at a
+        time (``chunked_token_logps``), no (B, T, V) tensor is made, and the other positions hold 0. The
+        entropies are detached unless ``entropy_grad``.
+        """
+        if not self.chunked_logits:
+            logits = states.float() / temperature
+            logps = selective_log_softmax(logits, targets)
+            if not with_entropy:
+                return logps
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                return logps, entropy_from_logits(logits)
+        real = mask.bool()
+        logps, ent = chunked_token_logps(states[real], model.lm_head.weight, targets[real], temperature,
+                                         self.hparams.logits_chunk_size, with_entropy)
+        zeros = states.new_zeros(real.shape, dtype=torch.float32)
+        logps = zeros.masked_scatter(real, logps)
+        if not with_entropy:
+            return logps
+        ent = zeros.masked_scatter(real, ent)
+        return logps, ent if entropy_grad else ent.detach()
 
     def completion_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                          temperature: float = 1.0, with_entropy: bool = False,
-                         prompt_index: torch.Tensor | None = None):
+                         prompt_index: torch.Tensor | None = None, entropy_grad: bool = False):
         """Per-token log-probs of the completion under softmax(logits / temperature): (B, C) [, entropy].
-        ``prompt_index``: see ``completion_logits``."""
-        logits = self.completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                        prompt_index)
-        logits = logits.float() / temperature
-        logps = selective_log_softmax(logits, completion_ids)
-        if not with_entropy:
-            return logps
-        with torch.no_grad():
-            ent = entropy_from_logits(logits)
-        return logps, ent
+        ``prompt_index``: see ``completion_states``; ``entropy_grad``: see ``token_logps``."""
+        states = self.completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                        prompt_index, hidden=self.chunked_logits)
+        return self.token_logps(model, states, completion_ids, completion_mask, temperature, with_entropy,
+                                entropy_grad)
+
+    def sequence_token_logps(self, model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+        """Log-probs (B, T-1) of tokens 1.. of right-padded full sequences; only those where loss_mask is 1
+        are meaningful (with chunked logits the others are 0)."""
+        states = model(input_ids[:, :-1], attention_mask[:, :-1], return_hidden=self.chunked_logits)  # t -> t + 1
+        return self.token_logps(model, states, input_ids[:, 1:], loss_mask[:, 1:])
 
     def sequence_logps(self, model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
         """Summed log-probs of the tokens where loss_mask is 1, for right-padded full sequences: (B,)."""
-        logits = model(input_ids[:, :-1], attention_mask[:, :-1]).float()
-        logps = selective_log_softmax(logits, input_ids[:, 1:])
+        logps = self.sequence_token_logps(model, input_ids, attention_mask, loss_mask)
         return (logps * loss_mask[:, 1:]).sum(-1)
 
     # ------------------------------------------------------------------------- generation
@@ -322,17 +399,49 @@ class PolicyModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- export
     def export(self, path: str | Path) -> None:
-        """HF-format policy + tokenizer: what the next stage (or transformers) loads."""
+        """HF-format policy + tokenizer: what the next stage (or transformers) loads. With LoRA the policy is
+        written merged, and its adapters alone in PEFT's format under ``<path>/adapter`` (a subdirectory:
+        an adapter_config.json beside config.json would make transformers load the directory as an adapter)."""
         self.policy.to_hf(path, tokenizer=self.tokenizer)
+        if self.lora is not None:
+            base = self.hparams.init_from
+            save_peft_adapter(self.policy, self.lora, Path(path) / "adapter",
+                              base_model_name_or_path=str(Path(base).resolve()) if base is not None else None)
 
     # ---------------------------------------------------------------------- checkpoints
+    def rebuildable_keys(self) -> dict[str, tuple[str, str, list[str]]]:
+        """State-dict prefix -> (directory, digest, keys of the frozen parameters under it): what checkpoints
+        leave out because the directory holds it (a frozen reference or reward model, a LoRA base)."""
+        named = {id(m): name for name, m in self.named_modules()}
+        params = dict(self.named_parameters(remove_duplicate=False))
+        out = {}
+        for module, directory, digest in self._rebuildable:
+            prefix = f"{named[id(module)]}."
+            keys = [k for k, p in params.items() if k.startswith(prefix) and not p.requires_grad]
+            out[prefix] = (directory, digest, keys)
+        return out
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Beyond what Lightning saves (weights of policy and reference, optimizer, scheduler, loops, data
-        position): the sampling generator of every rank, (world, state bytes), for an exact resume."""
+        """Beyond what Lightning saves (weights, optimizer, scheduler, loops, data position): the sampling
+        generator of every rank, (world, state bytes), for an exact resume. Frozen weights that a directory
+        holds are left out; ``rebuilt_from`` keeps each one's directory and weights digest instead."""
         state = self.generator.get_state()
         checkpoint["sampling_generator"] = self.all_gather(state) if self.world_size > 1 else state[None]
+        # torch's own stream drives dropout (LoRA's): restored at the next training batch (below)
+        state = torch.get_rng_state().to(self.device)
+        checkpoint["torch_rng_state"] = self.all_gather(state) if self.world_size > 1 else state[None]
+        weights, rebuilt = checkpoint.get("state_dict", {}), {}
+        for prefix, (directory, digest, keys) in self.rebuildable_keys().items():
+            for k in keys:
+                weights.pop(k, None)
+            rebuilt[prefix] = {"directory": directory, "digest": digest}
+        checkpoint["rebuilt_from"] = rebuilt
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restore_rebuilt(checkpoint)
+        rng = checkpoint.get("torch_rng_state")
+        if rng is not None:
+            self._resume_rng_state = rng[self.global_rank % len(rng)].to("cpu", torch.uint8).clone()
         states = checkpoint.get("sampling_generator")
         if states is None:
             return
@@ -341,6 +450,32 @@ class PolicyModule(L.LightningModule):
                            f"{self.world_size}: rank r continues rank r mod {len(states)}'s stream")
         # clone: set_state on a view with a storage offset (a row of the (world, N) tensor) segfaults
         self.generator.set_state(states[self.global_rank % len(states)].to("cpu", torch.uint8).clone())
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """After a resume, torch's random stream continues where the checkpointed run was at this point: set
+        here rather than at load time, since Lightning draws from it in between (starting the data loader)."""
+        if getattr(self, "_resume_rng_state", None) is not None:
+            torch.set_rng_state(self._resume_rng_state)
+            self._resume_rng_state = None
+
+    def restore_rebuilt(self, checkpoint: dict) -> None:
+        """Put the weights a checkpoint left out back into it, from this run's models, after checking that they
+        were loaded from a directory with the same weights digest (else one line naming the directory)."""
+        where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        ours, weights = self.rebuildable_keys(), checkpoint.get("state_dict", {})
+        current = self.state_dict()
+        for prefix, saved in checkpoint.get("rebuilt_from", {}).items():
+            if prefix not in ours:
+                raise ValueError(f"ckpt_path: {where} left out the frozen weights of {prefix.rstrip('.')} to be "
+                                 f"reloaded from {saved['directory']}, but this run loads no such model from a "
+                                 f"directory; resume with the run's own config")
+            directory, digest, keys = ours[prefix]
+            if digest != saved["digest"]:
+                raise ValueError(f"ckpt_path: {where} expects the frozen weights of {prefix.rstrip('.')} from "
+                                 f"{saved['directory']}, but {directory} now holds other weights (digest "
+                                 f"{digest[:12]} != {saved['digest'][:12]}); restore that directory to resume")
+            for k in keys:
+                weights.setdefault(k, current[k])
 
     @property
     def world_size(self) -> int:

@@ -300,7 +300,7 @@ class OnPolicyModule(PolicyModule):
 
     def row_chunks(self, r: Rollout, size: int | None) -> list[torch.Tensor]:
         """Row indices in chunks of ``size`` (None = one chunk), a group's rows together so that they share
-        one prompt computation (``completion_logits``). Padding costs nothing outside attention (the model
+        one prompt computation (``completion_states``). Padding costs nothing outside attention (the model
         packs real tokens), so chunks are for memory only."""
         if size is None or size >= len(r):
             return [torch.arange(len(r))]

@@ -80,7 +80,7 @@ from alignlab.algorithms.base import check
 from alignlab.algorithms.on_policy import OnPolicyModule, Rollout
 from alignlab.data.tokenizer import load_tokenizer
 from alignlab.losses.advantages import gae, per_token_rewards, whiten
-from alignlab.losses.lm import entropy_from_logits, masked_mean, selective_log_softmax
+from alignlab.losses.lm import masked_mean
 from alignlab.losses.policy import aggregate, clipped_surrogate, clipped_value_loss, kl_estimate
 from alignlab.model.heads import ScalarModel
 
@@ -206,12 +206,16 @@ class PPO(OnPolicyModule):
             check(load_tokenizer(reward_model).get_vocab() == self.tokenizer.get_vocab(), "reward_model",
                   f"{reward_model} has a different tokenizer from the policy")
             self.reward_model = ScalarModel.load(reward_model).eval().requires_grad_(False)
-        # the critic: separate parameters, from the reward model (as InstructGPT) or the policy's trunk
+            self.rebuildable(self.reward_model, reward_model)
+        # the critic: separate parameters, from the reward model (as InstructGPT) or the policy's trunk. With
+        # LoRA it gets adapters of its own on a frozen trunk (its head is trained in full).
         if reward_model is not None:
             self.critic = ScalarModel.load(reward_model)
-        else:
+            self.adapt(self.critic.trunk, reward_model)
+        else:  # a copy of the policy: with LoRA its frozen base (= init_from) and fresh adapters like the policy's
             self.critic = ScalarModel(copy.deepcopy(self.policy))
-        self.critic.requires_grad_(True)
+            if self.lora is not None:
+                self.rebuildable(self.critic.trunk, kwargs.get("init_from"))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -315,11 +319,9 @@ class PPO(OnPolicyModule):
         if self.in_critic_warmup():
             return h.vf_coef * vf_loss, metrics
 
-        logits = self.completion_logits(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                        mb.completion_mask, mb.prompt_index).float() / h.temperature
-        logp = selective_log_softmax(logits, mb.completion_ids)
-        with torch.set_grad_enabled(h.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits)
+        logp, entropy = self.completion_logps(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                              mb.completion_mask, temperature=h.temperature, with_entropy=True,
+                                              prompt_index=mb.prompt_index, entropy_grad=h.entropy_coef > 0)
         pg_per_token, pm = clipped_surrogate(logp, mb.logp_old, mb.advantages, mask, eps_low=h.cliprange,
                                              dual_clip=h.dual_clip)
         pg_loss = token_mean(pg_per_token)

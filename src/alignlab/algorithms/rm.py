@@ -43,8 +43,10 @@ class RewardModel(PolicyModule):
         super().__init__(**kwargs)
         init_from = kwargs.get("init_from")
         if init_from is not None and ScalarModel.is_scalar_model(init_from):
+            self._rebuildable.clear()  # the policy PolicyModule adapted is replaced by the saved trunk
             self.model = ScalarModel.load(init_from)
-        else:
+            self.adapt(self.model.trunk, init_from)
+        else:  # the policy's trunk (adapted by PolicyModule when lora is set) and a fresh, trained head
             self.model = ScalarModel(self.policy)
         del self.policy  # the trunk lives in self.model; nothing here generates
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -43,6 +44,47 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
         return torch.stack([entropy_from_logits(row.float()) for row in logits])
     probs = F.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def _head_logps(hidden, weight, index, temperature: float, with_entropy: bool):
+    """log-probs of index (and entropies) under softmax(hidden @ weight^T / temperature): (n,) fp32 each."""
+    logits = (hidden @ weight.T).float() / temperature  # (n, V)
+    return selective_log_softmax(logits, index), entropy_from_logits(logits) if with_entropy else None
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, temperature: float = 1.0,
+    chunk_size: int = 1024, with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token log-probs (and entropies) of N positions, the LM head computed chunk_size rows at a time.
+
+    log p(index_n) = z_n[index_n] - logsumexp(z_n),   z_n = hidden_n @ weight^T / temperature
+
+    The caller passes only the positions it scores (e.g. the real completion tokens), so the V-wide logits
+    exist for those rows only, and for at most ``chunk_size`` of them at once. Under autograd each chunk is
+    recomputed in the backward (``torch.utils.checkpoint``): the graph keeps ``hidden``, never the (N, V)
+    logits, so the peak is one chunk's (chunk_size, V) logits and their gradient. Same values and gradients
+    as ``selective_log_softmax(hidden @ weight^T / temperature, index)`` (tested).
+
+    Args:
+        hidden: (N, C) final hidden states (after the last norm) at the positions that predict index.
+        weight: (V, C) the LM head (the tied embedding, or lm_head.weight).
+        index: (N,) token ids to score.
+        temperature: logits are divided by it (the sampling temperature).
+        chunk_size: rows per LM-head computation.
+        with_entropy: also return the entropy of each position's distribution (with gradients: PPO's bonus).
+    Returns:
+        (N,) log-probs in fp32, and (N,) fp32 entropies or None.
+    """
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = [checkpoint(_head_logps, h, weight, i, temperature, with_entropy, use_reentrant=False) if grad
+             else _head_logps(h, weight, i, temperature, with_entropy)
+             for h, i in zip(hidden.split(chunk_size), index.split(chunk_size))]
+    if not parts:  # no position to score
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty if with_entropy else None
+    logps = torch.cat([lp for lp, _ in parts])
+    return logps, torch.cat([e for _, e in parts]) if with_entropy else None
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from alignlab.model.lora import merged_state_dict
 from alignlab.model.transformer import Transformer, TransformerConfig, rope_inv_freq
 
 # model_type -> the transformers class that reads it
@@ -335,7 +336,8 @@ def load_hf(path, dtype: torch.dtype | None = None) -> Transformer:
 def save_hf(model: Transformer, path, tokenizer=None, overwrite: bool = False) -> None:
     """Write config.json + model.safetensors (+ tokenizer files) that transformers' AutoModel loads.
 
-    Refuses to replace existing weights in ``path`` unless ``overwrite=True``.
+    Refuses to replace existing weights in ``path`` unless ``overwrite=True``. A LoRA-adapted model is written
+    merged (W + scaling B A): a plain checkpoint of the same function.
     """
     path = Path(path)
     cfg = model.config
@@ -348,7 +350,7 @@ def save_hf(model: Transformer, path, tokenizer=None, overwrite: bool = False) -
     if cfg.tie_embeddings and not shared:
         raise ValueError("config.tie_embeddings is true but lm_head.weight is not embed_tokens.weight")
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in merged_state_dict(model).items():
         t = t.detach().cpu().contiguous()
         if name != "lm_head.weight":
             tensors["model." + name] = t

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -190,7 +191,7 @@ class PrefixCache:
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer == len(self.k):  # the prefix pass: store
+        if layer == len(self.k):  # the prefix pass: store (not checkpointed: a recomputation would store twice)
             self.k.append(k)
             self.v.append(v)
             return k, v
@@ -350,11 +351,19 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    """Token embedding -> N blocks -> final RMSNorm -> LM head (tied to the embedding or not)."""
+    """Token embedding -> N blocks -> final RMSNorm -> LM head (tied to the embedding or not).
+
+    ``activation_checkpointing = True``: under autograd each block keeps only its input and recomputes its
+    activations in the backward (torch.utils.checkpoint, non-reentrant): same values and gradients, memory
+    of one block's activations instead of every block's. The prefix pass of a ``PrefixCache`` is exempt (it
+    stores keys/values as a side effect, which a recomputation would repeat); the completions that attend
+    to it are checkpointed.
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.config = cfg
+        self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rotary = RotaryEmbedding(cfg)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -404,8 +413,13 @@ class Transformer(nn.Module):
             real = attention_mask[:, past : past + T].bool()
             packing = None if bool(real.all()) else Packing(real)
         x = self.embed_tokens(input_ids if packing is None else packing.unpad(input_ids))  # (B, T, C) | (N, C)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and (
+            cache is None or isinstance(cache, PrefixCache) and cache.length > 0)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, packing)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask, cache, packing, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, packing)
         if cache is not None:
             cache.advance(T)
         if packing is not None:
