@@ -6,6 +6,9 @@ each ``logs/<stage>/latest`` path it mentions (``init_from: logs/sft/latest/hf``
 have finished, unless the command line sets that key itself (``--model.init_args.init_from my/hf``).
 Prerequisites run with their own default configs. The child's bad-input errors are its one line and exit
 code; this process adds no traceback.
+
+``--recipe NAME`` (``make train ALGO=grpo RECIPE=smollm2``) layers ``configs/recipes/NAME/ALGO.yaml`` on the
+algorithm's config; keys the recipe sets (its ``init_from``) are not prerequisites.
 """
 
 from __future__ import annotations
@@ -28,6 +31,30 @@ def algo_config(algo: str) -> Path:
     return path
 
 
+def recipe_config(recipe: str, algo: str) -> Path:
+    path = CONFIGS / "recipes" / recipe / f"{algo}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS / "recipes" / recipe).glob("*.yaml"))
+        raise SystemExit(f"error: RECIPE={recipe!r} has no config {path}; "
+                         + (f"its algorithms: {', '.join(known)}" if known else "no such recipe"))
+    return path
+
+
+def split_recipe(extra: list[str]) -> tuple[str | None, list[str]]:
+    """``[..., "--recipe", "NAME", ...]`` or ``--recipe=NAME`` -> ("NAME", the other arguments)."""
+    rest, recipe, i = [], None, 0
+    while i < len(extra):
+        if extra[i] == "--recipe" and i + 1 < len(extra):
+            recipe, i = extra[i + 1], i + 2
+            continue
+        if extra[i].startswith("--recipe="):
+            recipe = extra[i].split("=", 1)[1]
+        else:
+            rest.append(extra[i])
+        i += 1
+    return recipe, rest
+
+
 def config_values(node, key: str = ""):
     """(dotted key, leaf value) pairs of a parsed YAML config; list items carry the list's key."""
     if isinstance(node, dict):
@@ -40,10 +67,13 @@ def config_values(node, key: str = ""):
         yield key, node
 
 
-def prerequisites(algo: str, extra: list[str] = ()) -> list[str]:
+def prerequisites(algo: str, extra: list[str] = (), recipe: str | None = None) -> list[str]:
     """Stages named by ``logs/<stage>/latest`` in the algorithm's config, in order of appearance, except
-    where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from X`` or ``...=X``."""
+    where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from X`` or ``...=X``,
+    or the recipe's config does."""
     overridden = {a[2:].split("=", 1)[0].removesuffix("+") for a in extra if a.startswith("--")}
+    if recipe is not None:
+        overridden |= {k for k, _ in config_values(yaml.safe_load(recipe_config(recipe, algo).read_text()))}
     stages = [s for key, value in config_values(yaml.safe_load(algo_config(algo).read_text()))
               if key not in overridden for s in re.findall(r"logs/(\w+)/latest", str(value))]
     return list(dict.fromkeys(s for s in stages if s != algo))
@@ -53,9 +83,10 @@ def exported(stage: str) -> bool:
     return (Path("logs") / stage / "latest" / "hf" / "config.json").is_file()
 
 
-def fit(algo: str, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "alignlab", "fit", "--config", str(CONFIGS / "base.yaml"),
-           "--config", str(algo_config(algo)), *extra]
+def fit(algo: str, extra: list[str], recipe: str | None = None) -> None:
+    layers = [str(CONFIGS / "base.yaml"), str(algo_config(algo))]
+    layers += [str(recipe_config(recipe, algo))] if recipe is not None else []
+    cmd = [sys.executable, "-m", "alignlab", "fit", *(a for c in layers for a in ("--config", c)), *extra]
     print("+ " + " ".join(cmd[1:]), flush=True)
     code = subprocess.call(cmd)
     if code:
@@ -77,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: python -m alignlab.train ALGO [--key value ...]")
-    algo, extra = argv[0], argv[1:]
-    for dep in prerequisites(algo, extra):
+    algo, (recipe, extra) = argv[0], split_recipe(argv[1:])
+    for dep in prerequisites(algo, extra, recipe):
         ensure(dep, (algo,))
-    fit(algo, extra)
+    fit(algo, extra, recipe)
 
 
 if __name__ == "__main__":

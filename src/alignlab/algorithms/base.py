@@ -110,7 +110,8 @@ class PolicyModule(L.LightningModule):
         check(max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {max_grad_norm}")
         check(val_max_new_tokens >= 1, "val_max_new_tokens", f"must be >= 1, got {val_max_new_tokens}")
         check(init_from is None or Path(init_from).is_dir(), "init_from",
-              f"{init_from}: no such directory (an alignlab export or a local HF checkpoint)")
+              f"{init_from}: no such directory (an alignlab export or a local HF checkpoint; "
+              f"`make model` builds models/smollm2-135m-instruct)")
         check(nonfinite in ("skip", "stop"), "nonfinite", f"must be skip|stop, got {nonfinite!r}")
         check(nonfinite_patience >= 1, "nonfinite_patience", f"must be >= 1, got {nonfinite_patience}")
         self.val_reward_fn = resolve_callable(val_reward, "val_reward")
