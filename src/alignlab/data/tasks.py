@@ -209,7 +209,7 @@ class Sort(Reverse):
 
 
 class Arithmetic(Task):
-    """``37*4+129-58=`` -> ``219``: ``n_operands`` numbers of ``min_digits..max_digits`` digits joined by
+    """``37*4+12-58=`` -> ``102``: ``n_operands`` numbers of ``min_digits..max_digits`` digits joined by
     operators drawn from ``ops`` (``+ - *``, usual precedence); answers may be negative."""
 
     name = "arithmetic"
