@@ -53,6 +53,7 @@ def test_config_and_special_tokens_are_the_releases(smollm2_dir, tok, models):
     assert c.tie_embeddings and ours.lm_head.weight.data_ptr() == ours.embed_tokens.weight.data_ptr()
     assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|im_end|>", "<|im_start|>")
     assert tok.eos_token_id == 2 == hf.generation_config.eos_token_id == hf.config.eos_token_id
+    assert tok.model_max_length == 8192 == c.max_seq_len
     assert "quantization_config" not in hf.config.to_dict()
 
 

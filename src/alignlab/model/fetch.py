@@ -12,7 +12,7 @@ ChatML chat template and the generation config::
                                    tokenizer.json tokenizer_config.json chat_template.jinja
 
 The special tokens are those of the HF release (bos ``<|im_start|>``, eos and pad ``<|im_end|>``, unk
-``<|endoftext|>``), checked before the directory is published. Idempotent: a finished directory is left
+``<|endoftext|>``), checked before the directory is published, and so is ``model_max_length`` (8192). Idempotent: a finished directory is left
 alone; the directory is written to a temporary sibling and renamed into place, so an interrupted run
 leaves nothing half-written. The weights are the Q4_1 quantisation's values, not the bf16 release's:
 close, not identical.
@@ -107,6 +107,7 @@ def convert(gguf: Path, out_tmp: Path) -> None:
     plain.config.eos_token_id = plain.generation_config.eos_token_id = eos
     plain.config.pad_token_id = plain.generation_config.pad_token_id = pad
     plain.config.bos_token_id = plain.generation_config.bos_token_id = bos
+    tok.model_max_length = plain.config.max_position_embeddings  # 8192, as the release (GGUF: unbounded)
     plain.save_pretrained(str(out_tmp))
     tok.save_pretrained(str(out_tmp))
 
