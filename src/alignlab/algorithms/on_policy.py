@@ -24,27 +24,11 @@ size because DDP averages gradients: the update is then exactly the full-batch u
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
 
-from alignlab.algorithms.base import PolicyModule, check, token_lists
-
-
-def resolve_callable(path: str, arg: str) -> Callable:
-    """``"package.module.fn"`` -> the function; an unresolvable path fails naming the argument."""
-    module_name, _, attr = path.rpartition(".")
-    try:
-        if not module_name:
-            raise ImportError(f"{path!r} is not a dotted import path")
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"model.{arg}: cannot import {path!r} ({e})") from None
-    if not callable(fn):
-        raise ValueError(f"model.{arg}: {path!r} is not callable")
-    return fn
+from alignlab.algorithms.base import PolicyModule, check, resolve_callable, token_lists
 
 
 # ----------------------------------------------------------------------------------- the rollout

@@ -31,6 +31,7 @@ from alignlab.data.tokenizer import load_tokenizer
 from alignlab.losses.lm import masked_mean
 from alignlab.model.generate import GenerationOutput
 from alignlab.model.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from alignlab.rewards.rules import accuracy_reward
 
 
 def noam_lr(step: int, d_model: int, warmup_steps: int, lr_scale: float = 1.0) -> float:
@@ -164,7 +165,9 @@ class Seq2Seq(L.LightningModule):
 
     # --------------------------------------------------------------------------- validation
     # The same greedy-generation validation as every PolicyModule (val/accuracy + a table of samples): those
-    # methods only need self.generate (above), the tokenizer, val_accuracy and the val_* hyper-parameters.
+    # methods only need self.generate (above), the tokenizer, val_accuracy, the val_* hyper-parameters and
+    # the verifier (exact match of the answer after the last "=").
+    val_reward_fn = staticmethod(accuracy_reward)
     decode = PolicyModule.decode
     validation_step = PolicyModule.validation_step
     on_validation_epoch_end = PolicyModule.on_validation_epoch_end

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from alignlab.data.tasks import get_task
+from alignlab.data.tasks import ANSWER_FORMATS, get_task
 from alignlab.data.tokenizer import load_tokenizer, render_completion, render_prompt
 
 KINDS = ("sft", "prompt", "preference")
@@ -209,6 +209,8 @@ class AlignDataModule(L.LightningDataModule):
         max_prompt_length: int = 64,
         max_completion_length: int = 32,
         truncation: bool = False,
+        chat: bool = False,
+        answer_format: Literal["boxed", "hash"] = "boxed",
         seed: int = 1234,
         num_workers: int = 0,
     ):
@@ -227,6 +229,10 @@ class AlignDataModule(L.LightningDataModule):
             max_prompt_length: prompts longer than this (in tokens) are an error, or truncated on the left.
             max_completion_length: completions longer than this are an error, or truncated on the right.
             truncation: cut over-long rows (counted and reported) instead of failing.
+            chat: built-in task as conversations for instruct models: the problem in words as a user turn
+                (rendered by the tokenizer's chat template) with an instruction on the answer format; SFT
+                targets end with the marked answer. Score with ``alignlab.rewards.rules.answer_*_reward``.
+            answer_format: with chat, the final answer the instruction asks for: ``\\boxed{95}`` or ``#### 95``.
             seed: seed of the built-in data and of the training shuffle.
             num_workers: DataLoader workers.
         """
@@ -240,7 +246,12 @@ class AlignDataModule(L.LightningDataModule):
         if train_file is not None and val_file is None:
             rank_zero_warn("data.train_file is set but data.val_file is not: validation uses the built-in task")
         self.save_hyperparameters()
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"data.answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
         self.tokenizer = load_tokenizer(tokenizer)
+        if chat and train_file is None and getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("data.chat: the tokenizer has no chat template (chat tasks need an instruct model's "
+                             "tokenizer: model.init_args.init_from)")
         self.task = get_task(task, **(task_args or {}))
         self.truncated: dict[str, int] = {}
         self.train_rows: list[dict] | None = None
@@ -253,12 +264,18 @@ class AlignDataModule(L.LightningDataModule):
         n = h.num_train if split == "train" else h.num_val
         rng = random.Random(f"pairs-{split}-{h.seed}")
         rows = []
-        for i, ex in enumerate(self.task.examples(n, split, h.seed)):
-            row = {"prompt": ex.prompt, "completion": ex.completion, "answer": ex.answer}
+        task, fmt = self.task, h.answer_format
+        for i, ex in enumerate(task.examples(n, split, h.seed)):
+            if h.chat:
+                prompt = [{"role": "user", "content": task.chat_prompt(ex, fmt)}]
+                completion = task.chat_completion(ex, fmt)
+            else:
+                prompt, completion = ex.prompt, ex.completion
+            row = {"prompt": prompt, "completion": completion, "answer": ex.answer}
             if kind == "preference":
-                row = {"prompt": ex.prompt, "chosen": ex.completion, "rejected": self.task.near_miss(ex, rng),
-                       "answer": ex.answer}
-            rows.append((f"task:{self.task.name}:{split}:{i}", row))
+                rejected = task.chat_near_miss(ex, rng, fmt) if h.chat else task.near_miss(ex, rng)
+                row = {"prompt": prompt, "chosen": completion, "rejected": rejected, "answer": ex.answer}
+            rows.append((f"task:{task.name}:{split}:{i}", {**row, **ex.columns}))
         return rows
 
     # -- tokenizing
