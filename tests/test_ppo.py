@@ -1,13 +1,12 @@
 """PPO (RLHF): GAE through the module, KL-in-reward placement, reward-model scoring under left padding,
 the value loss, the adaptive KL controller, the critic's own parameters and lr, a smoke run, learning."""
 
-import json
 import math
 
 import lightning as L
 import pytest
 import torch
-from conftest import SCRATCHPAD, datamodule, fit, tiny_arch, val_accuracy
+from conftest import SCRATCHPAD, datamodule, fit, learning_seeds, rl_learning_run, tiny_arch
 
 from alignlab.algorithms import PPO, RewardModel
 from alignlab.algorithms.ppo import PPORollout, adaptive_kl_coef
@@ -275,92 +274,52 @@ def test_smoke_20_steps(tmp_path, tiny_rm):
 
 # ------------------------------------------------------------------------------ learning
 PPO_KW = dict(num_generations=8, max_new_tokens=24, val_max_new_tokens=24, ppo_epochs=1, critic_lr=3e-4)
+MARGIN_PPO_RM, MARGIN_PPO, MARGIN_PPO_GREEDY = 0.02, 0.04, 0.02
 
 
 @pytest.fixture(scope="module")
-def onpolicy_rm(scratchpad_sft_export, tmp_path_factory):
-    """A reward model trained the InstructGPT way: pairs of the SFT policy's OWN samples, ranked by a labeller
-    (here the task verifier): chosen = a correct sample, rejected = a wrong one for the same prompt.
+def onpolicy_rm(scratchpad_sft_export, onpolicy_pairs, tmp_path_factory):
+    """A reward model trained the InstructGPT way, on pairs of the SFT policy's OWN samples ranked by the task
+    verifier (conftest.onpolicy_pairs).
 
     The default RM data (correct answer vs a one-digit or one-column slip) gives a 0.68-accurate RM, and PPO
     against that RM drives accuracy DOWN (measured: 0.42 -> 0.06 at lr 1e-4, kl_coef 0.05, while
     objective/scores rises): textbook reward hacking. ~2000 on-policy pairs, 300 steps: ~15 s on one thread.
     """
-    from alignlab.algorithms import SFT
-    from alignlab.rewards.rules import accuracy_reward
-
-    path, G = scratchpad_sft_export, 4
-    L.seed_everything(0)
-    policy = SFT(init_from=path).eval()
-    dm = datamodule("prompt", tokenizer=path, batch_size=64, **SCRATCHPAD)
-    dm.setup("fit")
-    rows = []
-    with torch.no_grad():
-        for i, b in enumerate(dm.train_dataloader()):
-            if i == 48:
-                break
-            out = policy.generate(b["prompt_ids"].repeat_interleave(G, 0), b["prompt_mask"].repeat_interleave(G, 0),
-                                  24, temperature=1.0)
-            texts = policy.decode(out.completion_ids, out.completion_mask)
-            for j, (prompt, answer) in enumerate(zip(b["prompt"], b["answer"])):
-                group = texts[j * G : (j + 1) * G]
-                ok = accuracy_reward([prompt] * G, group, [answer] * G)
-                good = [c for c, a in zip(group, ok) if a]
-                bad = [c for c, a in zip(group, ok) if not a and c.strip()]  # an empty sample is no pair
-                rows += [{"prompt": prompt, "chosen": c, "rejected": r, "answer": answer} for c, r in zip(good, bad)]
-    root = tmp_path_factory.mktemp("onpolicy_rm")
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert len(rows) > 1000
+    path = scratchpad_sft_export
     L.seed_everything(0)
     rm = RewardModel(init_from=path, lr=5e-4)
-    fit(rm, datamodule("preference", tokenizer=path, train_file=str(root / "pairs.jsonl"), **SCRATCHPAD),
+    fit(rm, datamodule("preference", tokenizer=path, train_file=onpolicy_pairs["train"], **SCRATCHPAD),
         max_steps=300, limit_val_batches=0)
+    root = tmp_path_factory.mktemp("onpolicy_rm")
     rm.export(root / "rm")
     return str(root / "rm")
 
 
-def run_ppo(path: str, steps: int = 100, **kw) -> tuple[float, float, list[float]]:
-    """(start, end) greedy validation accuracy and the rule accuracy of each rollout."""
-    L.seed_everything(0)
-    kw = {**PPO_KW, "lr": 1e-4, **kw}
-    dm = datamodule("prompt", tokenizer=path, batch_size=16, **SCRATCHPAD)
-    start = val_accuracy(PPO(init_from=path, **kw), dm)
-    module = PPO(init_from=path, **kw)
-    acc = []
-
-    class Accuracy(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            acc.append(float(trainer.callback_metrics["rewards/accuracy_reward/mean"]))
-
-    fit(module, dm, max_steps=steps, callbacks=[Accuracy()])
-    return start, val_accuracy(module, dm), acc
+def run_ppo(path: str, record, seed: int, **kw) -> dict[str, float]:
+    return rl_learning_run(PPO, path, record, seed=seed, **{**PPO_KW, **kw})
 
 
-def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_export, onpolicy_rm, record):
+@learning_seeds()
+def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_export, onpolicy_rm, seed, record):
     """SFT -> RM -> PPO. The rule accuracy is only monitored (rule_reward_weight 0): the policy sees the RM alone.
 
-    What PPO optimises is the policy's samples, so the true accuracy of the rollouts (3200 samples in each of
-    the first and last 25 rollouts) is the claim; greedy validation accuracy (100 prompts) swings with the
-    SFT draw and only must not collapse, as it does when the RM is hacked (README: the RM trained on the
-    built-in pairs takes `make train ALGO=ppo` from 0.39 to 0.24).
-    Measured (1 thread, 100 rollouts of 16 prompts x 8 samples, lr 3e-5, kl_coef 0.2): rollout accuracy
-    0.288 -> 0.330, greedy 0.44 -> 0.42; with another SFT seed 0.131 -> 0.164, greedy 0.24 -> 0.25. (An earlier
-    SFT draw gave greedy 0.42 -> 0.52, another 0.27 -> 0.30.) We require +0.025 and greedy >= start - 0.04.
+    What PPO optimises is the policy's samples, so the true accuracy of samples on held-out prompts is the
+    claim (conftest.held_out_accuracy: 400 prompts x 4); greedy accuracy only must not collapse, as it does
+    when the RM is hacked (README: the RM trained on the built-in pairs takes `make train ALGO=ppo` down).
+    100 rollouts of 16 prompts x 8 samples, lr 3e-5, kl_coef 0.2. SPREAD.
     """
-    start, end, acc = run_ppo(scratchpad_sft_export, reward_model=onpolicy_rm, lr=3e-5, kl_coef=0.2)
-    first, last = sum(acc[:25]) / 25, sum(acc[-25:]) / 25
-    record(start=start, end=end, rollout_acc_start=first, rollout_acc_end=last)
-    assert last >= first + 0.025, acc
-    assert end >= start - 0.04, (start, end)
+    r = run_ppo(scratchpad_sft_export, record, seed, reward_model=onpolicy_rm, lr=3e-5, kl_coef=0.2)
+    assert r["sampled_end"] >= r["sampled_start"] + MARGIN_PPO_RM, r
+    assert r["end"] >= r["start"] - 0.03, r
 
 
-def test_ppo_with_the_rule_reward_alone_raises_accuracy(scratchpad_sft_export, record):
+@learning_seeds()
+def test_ppo_with_the_rule_reward_alone_raises_accuracy(scratchpad_sft_export, seed, record):
     """PPO on verifiable rewards: no reward model, accuracy_reward is the score, the critic starts from the policy.
 
-    Measured (1 thread, seed 0, 100 rollouts of 16 x 8, lr 1e-4, kl_coef 0.05): greedy validation accuracy
-    0.42 -> 0.60; rollout accuracy 0.28 -> 0.41 (first vs last quarter). We require +0.06.
+    100 rollouts of 16 x 8, lr 1e-4, kl_coef 0.05. SPREAD.
     """
-    start, end, acc = run_ppo(scratchpad_sft_export)
-    record(start=start, end=end, rollout_acc_start=sum(acc[:25]) / 25, rollout_acc_end=sum(acc[-25:]) / 25)
-    assert end >= start + 0.06, (start, end)
-    assert sum(acc[-25:]) / 25 > sum(acc[:25]) / 25 + 0.05, acc
+    r = run_ppo(scratchpad_sft_export, record, seed, lr=1e-4)
+    assert r["sampled_end"] >= r["sampled_start"] + MARGIN_PPO, r
+    assert r["end"] >= r["start"] + MARGIN_PPO_GREEDY, r

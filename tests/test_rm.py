@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import datamodule, fit, tiny_arch
+from conftest import datamodule, fit, learning_seeds, tiny_arch
 
 from alignlab.algorithms import RewardModel
 from alignlab.model.heads import ScalarModel
@@ -91,18 +91,19 @@ def test_smoke_20_steps_export_is_what_ppo_loads(tmp_path):
         torch.testing.assert_close(again.model.score(ids, mask), m.model.score(ids, mask), atol=1e-6, rtol=0)
 
 
-def test_reward_model_learns_pairwise_accuracy(sft_export, record):
+@learning_seeds()
+def test_reward_model_learns_pairwise_accuracy(sft_export, seed, record):
     """From the ~40% SFT trunk with a fresh head: chosen = correct sum, rejected = one digit changed.
 
     Measured (1 thread, ~10 s, torch 2.13 CPU): held-out pairwise val/accuracy 0.40 at init -> 0.68 after
     100 steps at lr 1e-3 (0.55 at lr 3e-4, which needs ~300 steps to reach 0.79); val/margin -> 1.6.
     """
     dm = datamodule("preference", tokenizer=sft_export)
-    L.seed_everything(0)
+    L.seed_everything(seed)
     m = RewardModel(init_from=sft_export, lr=1e-3)
     start = L.Trainer(logger=False, enable_progress_bar=False).validate(m, dm, verbose=False)[0]["val/accuracy"]
     trainer = fit(m, dm, max_steps=100)
     acc = trainer.callback_metrics["val/accuracy"].item()
     record(start=start, end=acc)
-    assert acc >= 0.65 and acc >= start + 0.1, (start, acc)
+    assert acc >= 0.6 and acc >= start + 0.1, (start, acc)
     assert trainer.callback_metrics["val/margin"] > 0.3

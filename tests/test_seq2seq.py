@@ -6,7 +6,7 @@ import time
 import lightning as L
 import pytest
 import torch
-from conftest import datamodule, fit, val_accuracy
+from conftest import datamodule, fit, learning_seeds, val_accuracy
 
 from alignlab.algorithms.seq2seq import Seq2Seq, label_smoothed_nll, noam_lr
 from alignlab.model.seq2seq import (
@@ -286,10 +286,11 @@ def test_smoke_20_steps(tmp_path):
     assert torch.equal(a.completion_ids, b.completion_ids)
 
 
-def test_learns_to_reverse(record):
+@learning_seeds()
+def test_learns_to_reverse(seed, record):
     """Measured: 0.97 exact match on 100 unseen 3-6 digit strings after 300 steps (15-42 s on 1 thread of a
     busy 2-core machine); the assertion leaves room for seeds and platforms."""
-    L.seed_everything(0)
+    L.seed_everything(seed)
     arch = Seq2SeqConfig(vocab_size=128, d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2,
                          d_ff=256, dropout=0.0, max_len=32)
     module = Seq2Seq(arch=arch, warmup_steps=50, lr_scale=0.5)
@@ -300,4 +301,4 @@ def test_learns_to_reverse(record):
     acc = val_accuracy(module, dm)
     record(end=acc)
     print(f"reverse 3-6 digits: val exact match {acc:.2f} after 300 steps in {time.time() - start:.1f} s")
-    assert acc >= 0.9
+    assert acc >= 0.85
