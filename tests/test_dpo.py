@@ -178,7 +178,9 @@ def test_dpo_learns_from_sft(scratchpad_sft_export, onpolicy_pairs, seed, record
     """DPO (+ RPO's NLL on chosen) from the scratchpad SFT policy on pairs of its own samples (chosen correct,
     rejected wrong: conftest.onpolicy_pairs), validated on the built-in near-miss pairs.
 
-    SPREAD. Near-miss pairs (a correct answer vs one digit changed) teach telling pairs apart, not adding:
+    Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md): sampled accuracy 0.124 -> 0.238 +- 0.004
+    (smallest gain +0.109), greedy 0.362 -> 0.479 +- 0.014 (smallest +0.098), val/rewards/accuracies
+    0.86 +- 0.02. We require +0.04 sampled and +0.02 greedy. Near-miss pairs (a correct answer vs one digit changed) teach telling pairs apart, not adding:
     greedy accuracy moved by +0.02 to +0.07 there, a margin inside the machine-to-machine noise.
     """
     path = scratchpad_sft_export

@@ -285,6 +285,11 @@ def test_beta_zero_builds_no_reference():
 def test_grpo_raises_validation_accuracy(scratchpad_sft_export, seed, record):
     """From the scratchpad SFT policy, GRPO learns to prefer the reliable strategy (the worked-out sum).
 
+    Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md): accuracy of 4 samples per held-out prompt
+    0.124 -> 0.208 +- 0.015 (smallest gain +0.071), greedy 0.362 -> 0.430 +- 0.033 (smallest +0.018),
+    completions 10.6 -> 13.1 tokens. We require +0.04 sampled, greedy not lower by more than 0.02 and +1.5
+    tokens; with lr ~0 nothing moves (0.124 -> 0.124) and the test fails.
+
     Measured (1 thread, seed 0, 100 steps of 16 prompts x 8 samples, lr 1e-4, ~20 s): validation accuracy
     0.44 -> 0.55, mean completion length 10.5 -> 13.0 tokens. We require +0.06 and longer completions.
     """

@@ -307,7 +307,10 @@ def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_e
     What PPO optimises is the policy's samples, so the true accuracy of samples on held-out prompts is the
     claim (conftest.held_out_accuracy: 400 prompts x 4); greedy accuracy only must not collapse, as it does
     when the RM is hacked (README: the RM trained on the built-in pairs takes `make train ALGO=ppo` down).
-    100 rollouts of 16 prompts x 8 samples, lr 3e-5, kl_coef 0.2. SPREAD.
+    100 rollouts of 16 prompts x 8 samples, lr 3e-5, kl_coef 0.2. Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md):
+    sampled accuracy 0.124 -> 0.174 +- 0.009 (smallest gain +0.031), greedy 0.362 -> 0.370 +- 0.011 (smallest
+    -0.010), completions 9.5 -> 14.1 tokens. We require +0.02 sampled and greedy >= start - 0.03; with lr ~0
+    the sampled accuracy stays at 0.124 and the test fails.
     """
     r = run_ppo(scratchpad_sft_export, record, seed, reward_model=onpolicy_rm, lr=3e-5, kl_coef=0.2)
     assert r["sampled_end"] >= r["sampled_start"] + MARGIN_PPO_RM, r
@@ -318,7 +321,9 @@ def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_e
 def test_ppo_with_the_rule_reward_alone_raises_accuracy(scratchpad_sft_export, seed, record):
     """PPO on verifiable rewards: no reward model, accuracy_reward is the score, the critic starts from the policy.
 
-    100 rollouts of 16 x 8, lr 1e-4, kl_coef 0.05. SPREAD.
+    100 rollouts of 16 x 8, lr 1e-4, kl_coef 0.05. Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md): sampled accuracy
+    0.124 -> 0.208 +- 0.008 (smallest gain +0.074), greedy 0.362 -> 0.446 +- 0.017 (smallest +0.055). We
+    require +0.04 sampled and +0.02 greedy; with lr ~0 nothing moves (0.124 -> 0.124) and the test fails.
     """
     r = run_ppo(scratchpad_sft_export, record, seed, lr=1e-4)
     assert r["sampled_end"] >= r["sampled_start"] + MARGIN_PPO, r
