@@ -372,7 +372,7 @@ def test_train_checks_the_whole_command_before_any_stage_runs(case, tmp_path, ca
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ALIGNLAB_DEBUG", raising=False)
     ran = []
-    monkeypatch.setattr(train, "fit", lambda stage, extra: ran.append(stage))
+    monkeypatch.setattr(train, "fit", lambda stage, extra, recipe=None: ran.append(stage))
     with pytest.raises(SystemExit) as e:
         train.main([algo, "--data.num_train=64", "--data.num_val=8",
                     *(a.replace("{tmp}", str(tmp_path)) for a in args)])
@@ -409,7 +409,7 @@ def test_train_runs_only_the_missing_stages_and_prints_a_config_without_them(tmp
     (tmp_path / "logs" / "sft" / "latest_hf" / "config.json").write_text("{}")
     assert train.missing_stages("ppo") == ["rm"] and train.missing_stages("grpo") == []
     ran = []
-    monkeypatch.setattr(train, "fit", lambda stage, extra: ran.append((stage, extra)))
+    monkeypatch.setattr(train, "fit", lambda stage, extra, recipe=None: ran.append((stage, extra)))
     train.main(["ppo", "--print_config"])  # no check, no stage: the config is printed by the ppo command
     assert ran == [("ppo", ["--print_config"])]
 
