@@ -71,3 +71,35 @@ def test_two_grpo_steps_on_the_real_model(smollm2_dir):
     for key in ("train/loss", "train/reward", "train/kl", "train/grad_norm", "completions/mean_length",
                 "rewards/answer_accuracy_reward/mean", "rewards/answer_format_reward/mean", "val/accuracy"):
         assert key in m and math.isfinite(float(m[key])), key
+
+
+def test_two_grpo_steps_with_lora_on_the_real_model(smollm2_dir):
+    """The same 2 steps with LoRA (r 8 on every projection, logits in chunks of 64 rows): only adapter tensors
+    move, the reference (the policy with its adapters off, no copy) keeps the starting policy's log-probs."""
+    from alignlab.model.lora import LoRAConfig
+
+    L.seed_everything(0)
+    path = str(smollm2_dir)
+    dm = AlignDataModule(kind="prompt", task="addition", task_args={"min_digits": 1, "max_digits": 1},
+                         tokenizer=path, chat=True, batch_size=2, val_batch_size=2, num_train=50, num_val=2,
+                         max_prompt_length=96, max_completion_length=NEW)
+    module = RecordingGRPO(init_from=path, num_generations=4, max_new_tokens=NEW, val_max_new_tokens=NEW,
+                           reward_funcs=["alignlab.rewards.rules.answer_accuracy_reward",
+                                         "alignlab.rewards.rules.answer_format_reward"],
+                           val_reward="alignlab.rewards.rules.answer_accuracy_reward", beta=0.04, lr=1e-4,
+                           lora=LoRAConfig(r=8), logits_chunk_size=64)
+    module.rollouts = []
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    trainer = fit(module, dm, max_steps=2)
+
+    assert len(module.rollouts) == 2 and all(len(r) == 8 for r in module.rollouts)
+    assert any(r.rewards.view(-1, 4).std(-1).gt(0).any() for r in module.rollouts)  # some group has a signal
+    moved = {n for n, p in module.policy.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".lora_" in n for n in moved)  # the base weights never move
+    r = module.rollouts[0]
+    with torch.no_grad():
+        ref_now = module.logps_no_grad(module.ref, r)
+    torch.testing.assert_close(ref_now, r.ref_logp, atol=1e-5, rtol=0)  # the reference is the start, still
+    m = trainer.callback_metrics
+    for key in ("train/loss", "train/reward", "train/kl", "train/grad_norm", "val/accuracy"):
+        assert key in m and math.isfinite(float(m[key])), key
