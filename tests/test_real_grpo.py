@@ -25,12 +25,17 @@ class RecordingGRPO(GRPO):
         self.rollouts.append(r)
 
 
+def chat_prompts(path: str) -> AlignDataModule:
+    """2 chat-format 1-digit addition prompts per step (and 2 validation prompts) for the real model."""
+    return AlignDataModule(kind="prompt", task="addition", task_args={"min_digits": 1, "max_digits": 1},
+                           tokenizer=path, chat=True, batch_size=2, val_batch_size=2, num_train=50, num_val=2,
+                           max_prompt_length=96, max_completion_length=NEW)
+
+
 def test_two_grpo_steps_on_the_real_model(smollm2_dir):
     L.seed_everything(0)
     path = str(smollm2_dir)
-    dm = AlignDataModule(kind="prompt", task="addition", task_args={"min_digits": 1, "max_digits": 1},
-                         tokenizer=path, chat=True, batch_size=2, val_batch_size=2, num_train=50, num_val=2,
-                         max_prompt_length=96, max_completion_length=NEW)
+    dm = chat_prompts(path)
     module = RecordingGRPO(init_from=path, num_generations=4, max_new_tokens=NEW, val_max_new_tokens=NEW,
                            reward_funcs=["alignlab.rewards.rules.answer_accuracy_reward",
                                          "alignlab.rewards.rules.answer_format_reward"],
@@ -80,9 +85,7 @@ def test_two_grpo_steps_with_lora_on_the_real_model(smollm2_dir):
 
     L.seed_everything(0)
     path = str(smollm2_dir)
-    dm = AlignDataModule(kind="prompt", task="addition", task_args={"min_digits": 1, "max_digits": 1},
-                         tokenizer=path, chat=True, batch_size=2, val_batch_size=2, num_train=50, num_val=2,
-                         max_prompt_length=96, max_completion_length=NEW)
+    dm = chat_prompts(path)
     module = RecordingGRPO(init_from=path, num_generations=4, max_new_tokens=NEW, val_max_new_tokens=NEW,
                            reward_funcs=["alignlab.rewards.rules.answer_accuracy_reward",
                                          "alignlab.rewards.rules.answer_format_reward"],
