@@ -15,6 +15,10 @@ from conftest import fit
 
 pytestmark = pytest.mark.real_model
 NEW = 16
+GRPO_KW = dict(num_generations=4, max_new_tokens=NEW, val_max_new_tokens=NEW, beta=0.04,
+               reward_funcs=["alignlab.rewards.rules.answer_accuracy_reward",
+                             "alignlab.rewards.rules.answer_format_reward"],
+               val_reward="alignlab.rewards.rules.answer_accuracy_reward")
 
 
 class RecordingGRPO(GRPO):
@@ -36,10 +40,7 @@ def test_two_grpo_steps_on_the_real_model(smollm2_dir):
     L.seed_everything(0)
     path = str(smollm2_dir)
     dm = chat_prompts(path)
-    module = RecordingGRPO(init_from=path, num_generations=4, max_new_tokens=NEW, val_max_new_tokens=NEW,
-                           reward_funcs=["alignlab.rewards.rules.answer_accuracy_reward",
-                                         "alignlab.rewards.rules.answer_format_reward"],
-                           val_reward="alignlab.rewards.rules.answer_accuracy_reward", beta=0.04, lr=1e-5)
+    module = RecordingGRPO(init_from=path, **GRPO_KW, lr=1e-5)
     module.rollouts = []
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     ref_before = module.ref.layers[0].mlp.down_proj.weight.detach().clone()
@@ -86,10 +87,7 @@ def test_two_grpo_steps_with_lora_on_the_real_model(smollm2_dir):
     L.seed_everything(0)
     path = str(smollm2_dir)
     dm = chat_prompts(path)
-    module = RecordingGRPO(init_from=path, num_generations=4, max_new_tokens=NEW, val_max_new_tokens=NEW,
-                           reward_funcs=["alignlab.rewards.rules.answer_accuracy_reward",
-                                         "alignlab.rewards.rules.answer_format_reward"],
-                           val_reward="alignlab.rewards.rules.answer_accuracy_reward", beta=0.04, lr=1e-4,
+    module = RecordingGRPO(init_from=path, **GRPO_KW, lr=1e-4,
                            lora=LoRAConfig(r=8), logits_chunk_size=64)
     module.rollouts = []
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
