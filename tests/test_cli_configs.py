@@ -108,3 +108,30 @@ def test_train_pipeline_prerequisites_come_from_configs(monkeypatch):
             assert "sft" in train.prerequisites(algo)
     with pytest.raises(SystemExit, match="ALGO='nope' has no config"):
         train.main(["nope"])
+
+
+def val_steps(run_dir):
+    """Steps at which a run logged val/accuracy, read back from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars("val/accuracy")]
+
+
+TINY_SFT = ("--model.init_args.arch.dim", "32", "--model.init_args.arch.n_layers", "1",
+            "--model.init_args.arch.n_heads", "2", "--data.num_train", "500", "--data.num_val", "10",
+            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1")
+
+
+@pytest.mark.parametrize("max_steps, interval, start, expected", [
+    (5, 100, False, [4]),       # shorter than val_check_interval: one validation, after the last step
+    (5, 3, False, [2, 4]),      # the scheduled one after step 3, and one after the last step
+    (6, 3, False, [2, 5]),      # the last step is a scheduled one: validated once, not twice
+    (5, 3, True, [0, 2, 4]),    # ValidateAtStart: the starting model too, at step 0
+])
+def test_every_run_ends_with_a_validation(tmp_path, monkeypatch, max_steps, interval, start, expected):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--trainer.callbacks+=alignlab.callbacks.ValidateAtStart"] if start else []
+    main(cli_args("sft", "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(interval),
+                  *TINY_SFT, *extra))
+    assert val_steps(tmp_path / "logs" / "sft" / "version_0") == expected  # Lightning logs step n at n - 1

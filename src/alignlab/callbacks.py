@@ -43,3 +43,29 @@ class HFExport(L.Callback):
         os.replace(tmp, run_dir.parent / "latest_hf")
         if (run_dir.parent / "latest").is_symlink():
             (run_dir.parent / "latest").unlink()
+
+
+
+class ValidateAtEnd(L.Callback):
+    """The last optimizer step (``trainer.max_steps``) is always followed by a validation, whatever
+    ``val_check_interval`` is: a run shorter than it still logs ``val/*``, and the HF export (written at the
+    end of training) is of a validated model. Done the way early stopping asks Lightning for a last
+    validation: ``trainer.should_stop`` on the last step, read by the loop right after this hook; a step
+    that is a validation step anyway is validated once. Lightning logs a validation after step ``n`` at
+    step ``n - 1`` (its ``_batches_that_stepped`` counter), as it does every scheduled one."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class ValidateAtStart(L.Callback):
+    """A validation before the first step (logged at step 0; not when resuming), so the curves begin at the
+    starting model's accuracy. Opt-in (the recipes add it): ``--trainer.callbacks+=alignlab.callbacks.ValidateAtStart``."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0 or not trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined():
+            return
+        trainer.validating = True  # what Lightning's in-training validation sets (training_epoch_loop.py)
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
