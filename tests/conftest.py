@@ -140,7 +140,9 @@ def onpolicy_pairs(scratchpad_sft_export, tmp_path_factory):
 
 
 def pairs_of(policy, loader, batches: int, G: int) -> list[dict]:
-    """(chosen = correct, rejected = wrong) pairs of G samples per prompt of the first ``batches`` batches."""
+    """(chosen = correct, rejected = wrong) pairs of G samples per prompt of the first ``batches`` batches
+    (``policy_pairs.pair_groups``: what ``data.pairs_from`` makes, over the shuffled training batches)."""
+    from alignlab.data.policy_pairs import pair_groups
     from alignlab.rewards.rules import accuracy_reward
 
     rows = []
@@ -151,12 +153,9 @@ def pairs_of(policy, loader, batches: int, G: int) -> list[dict]:
             out = policy.generate(b["prompt_ids"].repeat_interleave(G, 0), b["prompt_mask"].repeat_interleave(G, 0),
                                   24, temperature=1.0)
             texts = policy.decode(out.completion_ids, out.completion_mask)
-            for j, (prompt, answer) in enumerate(zip(b["prompt"], b["answer"])):
-                group = texts[j * G : (j + 1) * G]
-                ok = accuracy_reward([prompt] * G, group, [answer] * G)
-                good = [c for c, a in zip(group, ok) if a]
-                bad = [c for c, a in zip(group, ok) if not a and c.strip()]  # an empty sample is no pair
-                rows += [{"prompt": prompt, "chosen": c, "rejected": r, "answer": answer} for c, r in zip(good, bad)]
+            prompts = [{"prompt": p, "answer": a} for p, a in zip(b["prompt"], b["answer"])]
+            ok = accuracy_reward(None, texts, [a for a in b["answer"] for _ in range(G)])
+            rows += pair_groups(prompts, texts, ok, G)
     return rows
 
 

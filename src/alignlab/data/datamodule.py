@@ -16,6 +16,7 @@ report ``val/accuracy``; preference validation batches also carry the chosen/rej
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from pathlib import Path
@@ -213,6 +214,10 @@ class AlignDataModule(L.LightningDataModule):
         answer_format: Literal["boxed", "hash"] = "boxed",
         seed: int = 1234,
         num_workers: int = 0,
+        pairs_from: str | None = None,
+        pairs_samples: int = 4,
+        pairs_reward: str = "alignlab.rewards.rules.accuracy_reward",
+        pairs_dir: str = "logs/pairs",
     ):
         """
         Args:
@@ -235,6 +240,13 @@ class AlignDataModule(L.LightningDataModule):
             answer_format: with chat, the final answer the instruction asks for: ``\\boxed{95}`` or ``#### 95``.
             seed: seed of the built-in data and of the training shuffle.
             num_workers: DataLoader workers.
+            pairs_from: kind preference from a built-in task: instead of the task's templated training pairs,
+                pairs of this policy's own samples (an HF directory, e.g. ``logs/sft/latest_hf``),
+                ``pairs_samples`` per prompt ranked by ``pairs_reward`` (see ``data/policy_pairs.py``), kept in
+                ``pairs_dir``. Validation keeps the task's rows: every held-out prompt once, unbiased.
+            pairs_samples: completions sampled per prompt for ``pairs_from`` (temperature 1).
+            pairs_reward: import path of the verifier that ranks them (1 = right, 0 = wrong).
+            pairs_dir: where the sampled pairs are written as JSONL (TRL's columns) and found again.
         """
         super().__init__()
         if kind not in KINDS:
@@ -243,6 +255,11 @@ class AlignDataModule(L.LightningDataModule):
                         ("max_prompt_length", max_prompt_length), ("max_completion_length", max_completion_length)):
             if v < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {v}")
+        if pairs_from is not None and (kind != "preference" or train_file is not None):
+            raise ValueError("data.pairs_from: samples preference pairs for a built-in task: needs data.kind="
+                             "preference and no data.train_file")
+        if pairs_samples < 2:
+            raise ValueError(f"data.pairs_samples must be >= 2 (a pair needs two samples), got {pairs_samples}")
         if train_file is not None and val_file is None:
             rank_zero_warn("data.train_file is set but data.val_file is not: validation uses the built-in task")
         self.save_hyperparameters()
@@ -254,6 +271,7 @@ class AlignDataModule(L.LightningDataModule):
                              "tokenizer: model.init_args.init_from)")
         self.task = get_task(task, **(task_args or {}))
         self.truncated: dict[str, int] = {}
+        self.pairs_stats: dict[str, dict[str, int]] = {}  # split -> counts of the sampled pairs
         self.train_rows: list[dict] | None = None
         self.val_rows: list[dict] | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done in it), from a checkpoint
@@ -314,10 +332,65 @@ class AlignDataModule(L.LightningDataModule):
             rank_zero_warn(f"{source}: truncated {self.truncated[source]} over-long rows (data.truncation=true)")
         return out
 
+    def _policy_pairs_file(self, split: str) -> Path:
+        """Where the pairs of ``pairs_from`` for ``split`` are kept: ``pairs_dir/<split>-<digest>.jsonl``, the
+        digest covering the policy's weights and every setting that changes the rows."""
+        import hashlib
+
+        from alignlab.checkpoint import weights_digest
+
+        h = self.hparams
+        settings = [weights_digest(h.pairs_from), h.task, h.task_args, h.num_train if split == "train" else h.num_val,
+                    h.chat, h.answer_format, h.seed, h.pairs_samples, h.pairs_reward, h.max_completion_length]
+        digest = hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=8)
+        return Path(h.pairs_dir) / f"{split}-{digest.hexdigest()}.jsonl"
+
+    def _policy_pair_rows(self, split: str) -> list[tuple[str, dict]]:
+        """The task's prompts of ``split``, paired from ``pairs_from``'s own samples (``data/policy_pairs.py``);
+        sampled once, then read back from ``pairs_dir``."""
+        import os
+
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from alignlab.data.policy_pairs import sample_pairs
+        from alignlab.model.hf import load_hf
+
+        h = self.hparams
+        path = self._policy_pairs_file(split)
+        if not path.is_file():
+            if not Path(h.pairs_from, "config.json").is_file():
+                raise FileNotFoundError(f"data.pairs_from: {h.pairs_from}: no HF model directory (config.json)")
+            task_rows = self._task_rows(split, "prompt")
+            prompt_rows = [row for _, row in task_rows]
+            ids = [item["prompt_ids"] for item in self._tokenize(task_rows, "prompt", f"task:{self.task.name}:{split}")]
+            module, _, name = h.pairs_reward.rpartition(".")
+            try:
+                reward = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError, ValueError) as e:
+                raise ValueError(f"data.pairs_reward: cannot import {h.pairs_reward!r} ({e})") from None
+            rows, stats = sample_pairs(load_hf(h.pairs_from), self.tokenizer, prompt_rows, ids, h.pairs_samples,
+                                       h.max_completion_length, reward, seed=h.seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
+            self.pairs_stats[split] = stats
+            rank_zero_info(f"data.pairs_from: {stats['prompts']} {split} prompts x {h.pairs_samples} samples of "
+                           f"{h.pairs_from} -> {stats['pairs']} pairs ({stats['all_right']} prompts all right, "
+                           f"{stats['all_wrong']} all wrong: no pair) in {path}")
+        rows = read_jsonl(path, "preference")
+        if not rows:
+            raise DataError(f"{path}: no pairs: every prompt's {h.pairs_samples} samples from {h.pairs_from} were "
+                            f"all right or all wrong (raise data.pairs_samples)")
+        return rows
+
     def _rows(self, split: str, kind: str) -> list[dict]:
         file = self.hparams.train_file if split == "train" else self.hparams.val_file
         if file is not None:
             return self._tokenize(read_jsonl(file, kind), kind, f"{file} ({split})")
+        if kind == "preference" and self.hparams.pairs_from is not None and split == "train":
+            path = self._policy_pairs_file(split)
+            return self._tokenize(self._policy_pair_rows(split), kind, str(path))
         return self._tokenize(self._task_rows(split, kind), kind, f"task:{self.task.name}:{split}")
 
     def setup(self, stage: str | None = None) -> None:
