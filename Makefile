@@ -10,7 +10,7 @@ SEEDS ?= 0 1 2
 STEPS ?= 100
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model train test test-slow learning-spread bench ablation tensorboard clean-logs
+.PHONY: help install lock model train test test-slow learning-spread bench bench-real ablation tensorboard clean-logs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput a
 	$(PY) benchmarks/bench_grpo_trl.py --model default --repeats 5
 	$(PY) benchmarks/bench_grpo_trl.py --model 6m
 	$(PY) benchmarks/bench_grpo_trl.py --model 6m --bf16
+
+bench-real: $(MODEL) ## on SmolLM2-135M-Instruct: GRPO peak memory and s/step, full vs LoRA, +- activation checkpointing, fp32 vs bf16 (benchmarks/results/real_memory.json)
+	$(PY) benchmarks/bench_real_memory.py
 
 ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}
 	$(PY) -m alignlab.ablation run --seeds $(SEEDS) --steps $(STEPS) $(if $(DRY),--dry-run)

@@ -32,11 +32,14 @@ def test_recipe_instantiates_on_the_real_model(path, smollm2_dir, tmp_path, monk
     (tmp_path / "models" / smollm2_dir.name).symlink_to(smollm2_dir)
     monkeypatch.chdir(tmp_path)
     algo = path.stem
+    if algo == "ppo":  # its reward model is the RM recipe's export: an untrained one stands in
+        rm = main(recipe_args(CONFIGS / "recipes" / "smollm2" / "rm.yaml")[1:], run=False).model
+        rm.export(tmp_path / "logs" / "smollm2" / "rm" / "latest_hf")
     c = main(recipe_args(path)[1:], run=False)
     m, dm = c.model, c.datamodule
-    assert type(m).__name__.lower() == algo and m.hparams.init_from == "models/smollm2-135m-instruct"
-    assert m.policy.config.n_layers == 30 and m.eos_id == m.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert m.val_reward_fn is answer_accuracy_reward
+    assert type(m).__name__.lower() == {"rm": "rewardmodel"}.get(algo, algo) and m.hparams.init_from == "models/smollm2-135m-instruct"
+    assert (m.policy if algo != "rm" else m.model.trunk).config.n_layers == 30 and m.eos_id == m.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert algo == "rm" or m.val_reward_fn is answer_accuracy_reward
     assert dm.hparams.chat and dm.tokenizer.eos_token == "<|im_end|>"
     assert c.trainer.logger.name == f"smollm2/{algo}"  # logs/smollm2/<algo>/version_N, never logs/<algo>
     if algo in ("grpo", "dapo"):
@@ -44,7 +47,7 @@ def test_recipe_instantiates_on_the_real_model(path, smollm2_dir, tmp_path, monk
     dm.setup("fit")
     row = dm.val_rows[0]
     assert row["prompt"].startswith("<|im_start|>system\n") and row["prompt"].endswith("<|im_start|>assistant\n")
-    assert "\\boxed{}" in row["prompt"] and (algo != "sft" or row.get("completion_ids", [0])[-1] == m.eos_id)
+    assert "#### " in row["prompt"] and (algo != "sft" or row.get("completion_ids", [0])[-1] == m.eos_id)
 
 
 def test_train_pipeline_layers_the_recipe_without_prerequisites(monkeypatch):
@@ -59,6 +62,24 @@ def test_train_pipeline_layers_the_recipe_without_prerequisites(monkeypatch):
     assert calls[0][-2:] == ["--trainer.max_steps", "2"]
     with pytest.raises(SystemExit, match="RECIPE='nope' has no config configs/recipes/nope/grpo.yaml"):
         train.main(["grpo", "--recipe", "nope"])
+
+
+def test_a_recipe_stage_runs_its_recipe_prerequisites_first(monkeypatch):
+    """PPO's recipe names logs/smollm2/rm/latest_hf: the stage smollm2/rm, run with the RM recipe first."""
+    monkeypatch.chdir(ROOT)
+    calls = []
+    monkeypatch.setattr(train.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(train, "check", lambda *a, **k: None)  # checked in test_reliability; needs exports
+    monkeypatch.setattr(train, "exported", lambda stage: False)
+    assert train.missing_stages("ppo", recipe="smollm2") == ["smollm2/rm"]  # not sft, not the default rm
+    assert train.missing_stages("ppo", ["--model.init_args.reward_model=/my/rm"], recipe="smollm2") == []
+    train.main(["ppo", "--recipe", "smollm2", "--trainer.max_steps", "2"])
+    configs = [[c[i + 1] for i, a in enumerate(c) if a == "--config"] for c in calls]
+    assert configs == [["configs/base.yaml", "configs/algo/rm.yaml", "configs/recipes/smollm2/rm.yaml"],
+                       ["configs/base.yaml", "configs/algo/ppo.yaml", "configs/recipes/smollm2/ppo.yaml"]]
+    assert calls[0][-1].endswith("rm.yaml") and calls[1][-2:] == ["--trainer.max_steps", "2"]
+    monkeypatch.setattr(train, "exported", lambda stage: stage == "smollm2/rm")
+    assert train.missing_stages("ppo", recipe="smollm2") == []
 
 
 def test_recipe_values_are_what_2_cores_can_run():

@@ -4,7 +4,8 @@ Runs ``fit`` with ``configs/base.yaml`` + ``configs/algo/ALGO.yaml`` and the ext
 running every earlier stage whose export is missing. A stage's prerequisites are read from its config:
 each ``logs/<stage>/latest_hf`` path it mentions (``init_from: logs/sft/latest_hf``) names a stage that must
 have finished, unless the command line sets that key itself (``--model.init_args.init_from my/hf``).
-Prerequisites run with their own default configs.
+Prerequisites run with their own default configs; a recipe's ``logs/RECIPE/ALGO/latest_hf`` (PPO's reward
+model in ``configs/recipes/smollm2/ppo.yaml``) names that recipe's stage, which runs with its recipe.
 
 ``--recipe NAME`` (``make train ALGO=grpo RECIPE=smollm2``) layers ``configs/recipes/NAME/ALGO.yaml`` on the
 algorithm's config; keys the recipe sets (its ``init_from``) are not prerequisites.
@@ -72,24 +73,37 @@ def config_values(node, key: str = ""):
         yield key, node
 
 
-EXPORT = re.compile(r"logs/(\w+)/latest_hf")  # a stage's newest export (alignlab.callbacks.HFExport's link)
+EXPORT = re.compile(r"logs/((?:\w+/)?\w+)/latest_hf")  # a stage's newest export (HFExport's link)
 
 
-def exports_named(algo: str) -> list[tuple[str, str]]:
-    """(dotted key, value) of the algorithm's config values that name a ``logs/<stage>/latest_hf`` export."""
-    return [(key, value) for key, value in config_values(yaml.safe_load(algo_config(algo).read_text()))
-            if EXPORT.search(str(value))]
+def split_stage(stage: str) -> tuple[str, str | None]:
+    """A stage is an algorithm, or ``RECIPE/ALGO`` for a recipe's run (``logs/smollm2/rm/latest_hf``)."""
+    recipe, _, algo = stage.rpartition("/")
+    return algo, recipe or None
+
+
+def stage_values(algo: str, recipe: str | None = None) -> list[tuple[str, object]]:
+    """(dotted key, leaf value) of the algorithm's config, with the recipe's config layered on it."""
+    values = dict(config_values(yaml.safe_load(algo_config(algo).read_text())))
+    if recipe is not None:
+        values |= dict(config_values(yaml.safe_load(recipe_config(recipe, algo).read_text())))
+    return list(values.items())
+
+
+def exports_named(algo: str, recipe: str | None = None) -> list[tuple[str, str]]:
+    """(dotted key, value) of the stage's config values that name a ``logs/<stage>/latest_hf`` export."""
+    return [(key, value) for key, value in stage_values(algo, recipe) if EXPORT.search(str(value))]
 
 
 def prerequisites(algo: str, extra: list[str] = (), recipe: str | None = None) -> list[str]:
-    """Stages named by ``logs/<stage>/latest_hf`` in the algorithm's config, in order of appearance, except
-    where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from X`` or ``...=X``,
-    or the recipe's config does."""
+    """Stages named by ``logs/<stage>/latest_hf`` in the algorithm's config (and its recipe's), in order of
+    appearance, except where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from
+    X`` or ``...=X``. A recipe's ``logs/RECIPE/ALGO/latest_hf`` names the stage ``RECIPE/ALGO``."""
     overridden = {a[2:].split("=", 1)[0].removesuffix("+") for a in extra if a.startswith("--")}
-    if recipe is not None:
-        overridden |= {k for k, _ in config_values(yaml.safe_load(recipe_config(recipe, algo).read_text()))}
-    stages = [s for key, value in exports_named(algo) if key not in overridden for s in EXPORT.findall(value)]
-    return list(dict.fromkeys(s for s in stages if s != algo))
+    this = f"{recipe}/{algo}" if recipe else algo
+    stages = [s for key, value in exports_named(algo, recipe) if key not in overridden
+              for s in EXPORT.findall(str(value))]
+    return list(dict.fromkeys(s for s in stages if s != this))
 
 
 def exported(stage: str) -> bool:
@@ -100,12 +114,15 @@ def missing_stages(algo: str, extra: list[str] = (), seen: tuple[str, ...] = (),
                    recipe: str | None = None) -> list[str]:
     """The earlier stages to run before ``algo``, in order: each prerequisite whose export is missing, after
     its own missing prerequisites."""
-    if algo in seen:
-        raise SystemExit(f"error: configs/algo: circular prerequisites {' -> '.join(seen + (algo,))}")
+    this = f"{recipe}/{algo}" if recipe else algo
+    if this in seen:
+        raise SystemExit(f"error: configs: circular prerequisites {' -> '.join(seen + (this,))}")
     order: list[str] = []
     for dep in prerequisites(algo, extra, recipe):
         if not exported(dep):
-            order += [s for s in [*missing_stages(dep, (), seen + (algo,)), dep] if s not in order]
+            dep_algo, dep_recipe = split_stage(dep)
+            before = missing_stages(dep_algo, (), seen + (this,), recipe=dep_recipe)
+            order += [s for s in [*before, dep] if s not in order]
     return order
 
 
@@ -126,7 +143,7 @@ def stand_in_args(stage: str, stand_ins: dict[str, str]) -> list[str]:
     """``--key=value`` for each key of the stage's config that names an export of ``stand_ins``, with that
     ``logs/<stage>/latest_hf`` replaced by its stand-in directory."""
     return [f"--{key}={EXPORT.sub(lambda m: stand_ins.get(m[1], m[0]), value)}"
-            for key, value in exports_named(stage) if set(EXPORT.findall(value)) & stand_ins.keys()]
+            for key, value in exports_named(*split_stage(stage)) if set(EXPORT.findall(value)) & stand_ins.keys()]
 
 
 def check(algo: str, extra: list[str], stages: list[str], recipe: str | None = None) -> None:
@@ -141,9 +158,12 @@ def check(algo: str, extra: list[str], stages: list[str], recipe: str | None = N
     with tempfile.TemporaryDirectory(prefix="alignlab-check-") as tmp, one_line_errors():
         stand_ins: dict[str, str] = {}
         for stage in stages:
-            instantiate(config_args(stage, stand_in_args(stage, stand_ins))).model.export(Path(tmp, stage))
+            stage_algo, stage_recipe = split_stage(stage)
+            args = config_args(stage_algo, stand_in_args(stage, stand_ins), stage_recipe)
+            instantiate(args).model.export(Path(tmp, stage))
             stand_ins[stage] = str(Path(tmp, stage))
-        check_fit(["fit", *config_args(algo, [*stand_in_args(algo, stand_ins), *extra], recipe)])
+        this = f"{recipe}/{algo}" if recipe else algo
+        check_fit(["fit", *config_args(algo, [*stand_in_args(this, stand_ins), *extra], recipe)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         check(algo, extra, stages, recipe)
     for stage in stages:
         print(f"[alignlab] logs/{stage}/latest_hf is missing: running stage {stage!r} first", flush=True)
-        fit(stage, [])
+        stage_algo, stage_recipe = split_stage(stage)
+        fit(stage_algo, [], stage_recipe)
     fit(algo, extra, recipe)
 
 
