@@ -112,10 +112,8 @@ def test_train_pipeline_prerequisites_come_from_configs(monkeypatch):
 
 def val_steps(run_dir):
     """Steps at which a run logged val/accuracy, read back from its TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return [e.step for e in acc.Scalars("val/accuracy")]
+    from alignlab.curve import read_scalars
+    return [step for step, _, _ in read_scalars(run_dir)["val/accuracy"]]
 
 
 TINY_SFT = ("--model.init_args.arch.dim", "32", "--model.init_args.arch.n_layers", "1",

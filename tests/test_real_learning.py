@@ -12,9 +12,9 @@ asks for +0.2. Slow: ~9 min at 2 threads, more at 1.
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from alignlab.cli import main
+from alignlab.curve import read_scalars
 from conftest import learning_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +23,7 @@ STEPS = 30
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    return [(step, value) for step, _, value in read_scalars(run_dir)[tag]]
 
 
 @pytest.mark.slow

@@ -64,8 +64,8 @@ class ValidateAtStart(L.Callback):
     starting model's accuracy. Opt-in (the recipes add it): ``--trainer.callbacks+=alignlab.callbacks.ValidateAtStart``."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step > 0 or not trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined():
+        if trainer.global_step > 0:
             return
-        trainer.validating = True  # what Lightning's in-training validation sets (training_epoch_loop.py)
+        trainer.validating = True  # as Lightning's in-training validation; without val data the loop skips itself
         trainer.fit_loop.epoch_loop.val_loop.run()
         trainer.training = True

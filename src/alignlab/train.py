@@ -82,6 +82,11 @@ def split_stage(stage: str) -> tuple[str, str | None]:
     return algo, recipe or None
 
 
+def stage_name(algo: str, recipe: str | None = None) -> str:
+    """The inverse of ``split_stage``: ``ALGO`` or ``RECIPE/ALGO``."""
+    return f"{recipe}/{algo}" if recipe else algo
+
+
 def stage_values(algo: str, recipe: str | None = None) -> list[tuple[str, object]]:
     """(dotted key, leaf value) of the algorithm's config, with the recipe's config layered on it."""
     values = dict(config_values(yaml.safe_load(algo_config(algo).read_text())))
@@ -100,7 +105,7 @@ def prerequisites(algo: str, extra: list[str] = (), recipe: str | None = None) -
     appearance, except where ``extra`` (command-line arguments) sets that key: ``--model.init_args.init_from
     X`` or ``...=X``. A recipe's ``logs/RECIPE/ALGO/latest_hf`` names the stage ``RECIPE/ALGO``."""
     overridden = {a[2:].split("=", 1)[0].removesuffix("+") for a in extra if a.startswith("--")}
-    this = f"{recipe}/{algo}" if recipe else algo
+    this = stage_name(algo, recipe)
     stages = [s for key, value in exports_named(algo, recipe) if key not in overridden
               for s in EXPORT.findall(str(value))]
     return list(dict.fromkeys(s for s in stages if s != this))
@@ -114,7 +119,7 @@ def missing_stages(algo: str, extra: list[str] = (), seen: tuple[str, ...] = (),
                    recipe: str | None = None) -> list[str]:
     """The earlier stages to run before ``algo``, in order: each prerequisite whose export is missing, after
     its own missing prerequisites."""
-    this = f"{recipe}/{algo}" if recipe else algo
+    this = stage_name(algo, recipe)
     if this in seen:
         raise SystemExit(f"error: configs: circular prerequisites {' -> '.join(seen + (this,))}")
     order: list[str] = []
@@ -162,7 +167,7 @@ def check(algo: str, extra: list[str], stages: list[str], recipe: str | None = N
             args = config_args(stage_algo, stand_in_args(stage, stand_ins), stage_recipe)
             instantiate(args).model.export(Path(tmp, stage))
             stand_ins[stage] = str(Path(tmp, stage))
-        this = f"{recipe}/{algo}" if recipe else algo
+        this = stage_name(algo, recipe)
         check_fit(["fit", *config_args(algo, [*stand_in_args(this, stand_ins), *extra], recipe)])
 
 

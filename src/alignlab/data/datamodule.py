@@ -16,15 +16,17 @@ report ``val/accuracy``; preference validation batches also carry the chosen/rej
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -335,8 +337,6 @@ class AlignDataModule(L.LightningDataModule):
     def _policy_pairs_file(self, split: str) -> Path:
         """Where the pairs of ``pairs_from`` for ``split`` are kept: ``pairs_dir/<split>-<digest>.jsonl``, the
         digest covering the policy's weights and every setting that changes the rows."""
-        import hashlib
-
         from alignlab.checkpoint import weights_digest
 
         h = self.hparams
@@ -345,18 +345,13 @@ class AlignDataModule(L.LightningDataModule):
         digest = hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=8)
         return Path(h.pairs_dir) / f"{split}-{digest.hexdigest()}.jsonl"
 
-    def _policy_pair_rows(self, split: str) -> list[tuple[str, dict]]:
+    def _policy_pair_rows(self, split: str, path: Path) -> list[tuple[str, dict]]:
         """The task's prompts of ``split``, paired from ``pairs_from``'s own samples (``data/policy_pairs.py``);
-        sampled once, then read back from ``pairs_dir``."""
-        import os
-
-        from lightning.pytorch.utilities import rank_zero_info
-
+        sampled once into ``path`` (``_policy_pairs_file``), then read back from it."""
         from alignlab.data.policy_pairs import sample_pairs
         from alignlab.model.hf import load_hf
 
         h = self.hparams
-        path = self._policy_pairs_file(split)
         if not path.is_file():
             if not Path(h.pairs_from, "config.json").is_file():
                 raise FileNotFoundError(f"data.pairs_from: {h.pairs_from}: no HF model directory (config.json)")
@@ -389,8 +384,8 @@ class AlignDataModule(L.LightningDataModule):
         if file is not None:
             return self._tokenize(read_jsonl(file, kind), kind, f"{file} ({split})")
         if kind == "preference" and self.hparams.pairs_from is not None and split == "train":
-            path = self._policy_pairs_file(split)
-            return self._tokenize(self._policy_pair_rows(split), kind, str(path))
+            path = self._policy_pairs_file(split)  # hashes the policy's weights: once per setup
+            return self._tokenize(self._policy_pair_rows(split, path), kind, str(path))
         return self._tokenize(self._task_rows(split, kind), kind, f"task:{self.task.name}:{split}")
 
     def setup(self, stage: str | None = None) -> None:
