@@ -114,8 +114,8 @@ def test_masking_truncated_completions_zeroes_their_loss_weight():
     module = eos_prone(DAPO(arch=tiny_arch(), num_generations=4, max_new_tokens=6, overlong_buffer_len=0,
                             reward_funcs=["alignlab.rewards.rules.format_reward"], dynamic_sampling=False))
     r = module.make_rollout(first_batch(datamodule("prompt", batch_size=8)))
-    module.compute_advantages(r)
     module.prepare(r)
+    module.compute_advantages(r)
     truncated = r.truncated
     assert 0 < truncated.sum() < len(r)  # some of each
     assert torch.all(r.loss_mask[truncated] == 0) and torch.all(r.loss_mask[~truncated] == r.completion_mask[~truncated])

@@ -167,8 +167,8 @@ def test_num_iterations_stores_logp_old_and_takes_more_steps():
     batch = first_batch(dm)
     single = GRPO(arch=tiny_arch(), num_generations=4, reward_funcs=["test_grpo.length_reward"])
     r = single.make_rollout(batch)
-    single.compute_advantages(r)
     single.prepare(r)
+    single.compute_advantages(r)
     assert r.logp_old is None  # one update per rollout: logp.detach() is pi_old
     assert r.ref_logp is not None and r.ref_logp.shape == r.completion_ids.shape
 

@@ -9,7 +9,8 @@ import torch
 from conftest import SCRATCHPAD, datamodule, fit, learning_seeds, rl_learning_run, tiny_arch
 
 from alignlab.algorithms import PPO, RewardModel
-from alignlab.algorithms.ppo import PPORollout, adaptive_kl_coef
+from alignlab.algorithms.on_policy import Rollout
+from alignlab.algorithms.ppo import adaptive_kl_coef
 from alignlab.losses.policy import kl_estimate
 from alignlab.model.heads import ScalarModel
 
@@ -48,15 +49,15 @@ def tiny_rm(tmp_path_factory):
     return str(path)
 
 
-def ragged_rollout(module: PPO, rewards: list[float]) -> PPORollout:
+def ragged_rollout(module: PPO, rewards: list[float]) -> Rollout:
     """A rollout of 3 completions of lengths 3, 1, 2 (right-padded to 3) after prompts of lengths 2, 1, 2."""
     prompt_ids = torch.tensor([[5, 6], [0, 7], [8, 9]])
     prompt_mask = torch.tensor([[1, 1], [0, 1], [1, 1]])
     completion_ids = torch.tensor([[10, 11, 2], [2, 0, 0], [12, 2, 0]])
     completion_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
-    return PPORollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=completion_mask, truncated=torch.tensor([False, False, False]),
-                      prompts=["a", "b", "c"], completions=["x", "y", "z"], rewards=torch.tensor(rewards))
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, truncated=torch.tensor([False, False, False]),
+                   prompts=["a", "b", "c"], completions=["x", "y", "z"], rewards=torch.tensor(rewards))
 
 
 # ----------------------------------------------------------------------- KL reward and GAE
@@ -70,6 +71,7 @@ def test_kl_in_reward_placement_and_gae_against_the_hand_recursion(estimator):
             p.add_(0.05 * torch.randn_like(p))
     scores = [1.5, -2.0, 0.5]
     r = ragged_rollout(module, scores)
+    module.prepare(r)  # the fixed log-probs and the rollout-time values
     module.compute_advantages(r)
     m = r.completion_mask.bool()
     logp = module.logps_no_grad(module.policy, r)
@@ -99,6 +101,7 @@ def test_score_lands_on_the_last_token_and_the_rest_get_minus_kl_coef_kl():
         for p in module.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     r = ragged_rollout(module, [10.0, 20.0, 30.0])
+    module.prepare(r)  # the fixed log-probs and the rollout-time values
     module.compute_advantages(r)
     adv = r.advantages
     per_token = adv - torch.cat([adv[:, 1:], torch.zeros_like(adv[:, :1])], 1)
@@ -113,6 +116,7 @@ def test_score_lands_on_the_last_token_and_the_rest_get_minus_kl_coef_kl():
 def test_advantages_are_whitened_over_the_masked_batch():
     module = PPO(arch=tiny_arch(), kl_coef=0.1)
     r = ragged_rollout(module, [1.0, -1.0, 3.0])
+    module.prepare(r)  # the fixed log-probs and the rollout-time values
     module.compute_advantages(r)
     m = r.completion_mask.bool()
     assert r.advantages[m].mean().item() == pytest.approx(0.0, abs=1e-5)

@@ -6,14 +6,8 @@ tokenizer, per-token log-probs of completions, AdamW with warm-up, validation by
 (``val/accuracy`` and a text table of samples), and the HF export at the end of training. Subclasses add a
 ``training_step``; their ``__init__`` arguments are their config.
 
-Non-finite values (``nonfinite``): before every optimizer step -- automatic (SFT, DPO, RM) or manual (the
-on-policy loop) optimisation alike -- ``on_before_optimizer_step`` checks that the loss of the backward and
-the total gradient norm are finite (the on-policy loop also checks the rewards before it updates). If not,
-"skip" drops the step (all gradients set to None: AdamW then leaves weights and moments untouched), warns
-naming the step and the quantity and counts ``train/skipped_steps``; "stop" raises ``NonFiniteError``
-before the step, so the weights -- and any checkpoint saved later -- never see the NaN. Under DDP the
-decision is all-reduced, so every rank skips or stops together. With fp16's GradScaler, inf gradients are
-the scaler's business (it skips those steps itself) and are not checked here.
+Its pieces elsewhere: the NaN/Inf guard and gradient clipping (``nonfinite.py``), validation by greedy
+generation (``validation.py``).
 """
 
 from __future__ import annotations
@@ -27,25 +21,16 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics import MeanMetric
 
+from alignlab.algorithms.nonfinite import NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: re-exported)
+from alignlab.algorithms.validation import GenerativeValidation, token_lists  # noqa: F401 (token_lists: re-exported)
 from alignlab.checkpoint import weights_digest
 from alignlab.data.tokenizer import load_tokenizer
 from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selective_log_softmax
 from alignlab.model.generate import GenerationOutput, generate
 from alignlab.model.lora import AdaptersOff, LoRAConfig, apply_lora, save_peft_adapter
 from alignlab.model.transformer import PrefixCache, Transformer, TransformerConfig
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN/Inf loss, reward or gradient with ``nonfinite="stop"`` (or too many consecutive skipped steps)."""
-
-
-def token_lists(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-    """Each row's ids where mask is 1, as Python lists (the batch converted at once, not row by row)."""
-    return [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids.tolist(), mask.tolist())]
 
 
 def resolve_callable(path: str, arg: str) -> Callable:
@@ -68,9 +53,16 @@ def check(condition: bool, name: str, message: str) -> None:
         raise ValueError(f"model.{name}: {message}")
 
 
-class PolicyModule(L.LightningModule):
+def check_kind(module, dm) -> None:
+    """The DataModule serves the rows ``module`` trains on (``data.kind`` == ``module.data_kind``)."""
+    kind = getattr(getattr(dm, "hparams", None), "kind", None)
+    if kind is not None and kind != module.data_kind:
+        raise ValueError(f"data.kind is {kind!r} but {type(module).__name__} trains on {module.data_kind!r} rows; "
+                         f"set data.kind: {module.data_kind}")
+
+
+class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
     data_kind = "sft"  # rows this algorithm needs from the DataModule
-    needs_reference = False  # does the algorithm keep a frozen copy of the starting policy?
 
     def __init__(
         self,
@@ -135,31 +127,44 @@ class PolicyModule(L.LightningModule):
         self.save_hyperparameters()
         self.lora = lora  # the LoRAConfig (under LightningCLI hparams hold its plain dict)
         self.tokenizer = load_tokenizer(init_from)
+        # frozen models that equal a directory: left out of checkpoints, reloaded from it (on_save_checkpoint)
+        self._rebuildable: list[tuple[torch.nn.Module, str, str]] = []  # (module, directory, weights digest)
+        self._frozen: list = []  # models kept in eval mode and out of the optimizer (``frozen``)
+        self.build_model(init_from, arch)
+        self.ref = self.build_reference(init_from) if self.needs_reference() else None
+        self.init_validation()
+        self.generator = torch.Generator().manual_seed(sampling_seed)
+
+    # ------------------------------------------------------------------------------ models
+    def build_model(self, init_from: str | None, arch: TransformerConfig | None) -> None:
+        """The model(s) to train: here ``self.policy``. RewardModel builds its scalar model instead."""
+        self.policy = self.new_transformer(init_from, arch)
+
+    def needs_reference(self) -> bool:
+        """Does the algorithm keep a frozen copy of the starting policy (``self.ref``)? Read once the
+        hyper-parameters are saved: GRPO's depends on ``beta``, DPO's on ``precompute_ref_logps``."""
+        return False
+
+    def build_reference(self, init_from: str | None):
+        """The frozen reference pi_ref: with LoRA the policy with its adapters off (no copy), else a copy."""
+        if self.lora is not None:
+            return AdaptersOff(self.policy)  # the same weights, adapters off: no copy
+        ref = self.frozen(copy.deepcopy(self.policy))
+        self.rebuildable(ref, init_from)
+        return ref
+
+    def new_transformer(self, init_from: str | None, arch: TransformerConfig | None) -> Transformer:
+        """A Transformer loaded from ``init_from`` (or fresh, of ``arch``) with the memory options applied."""
         if init_from is not None:
-            self.policy = Transformer.from_hf(init_from)
+            model = Transformer.from_hf(init_from)
         else:
             arch = copy.deepcopy(arch) if arch is not None else TransformerConfig()
             check(arch.vocab_size >= len(self.tokenizer), "arch.vocab_size",
                   f"{arch.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens")
-            self.policy = Transformer(arch)
-        # frozen models that equal a directory: left out of checkpoints, reloaded from it (on_save_checkpoint)
-        self._rebuildable: list[tuple[torch.nn.Module, str, str]] = []  # (module, directory, weights digest)
-        self.adapt(self.policy, init_from)
-        if not self.needs_reference:
-            self.ref = None
-        elif lora is not None:
-            self.ref = AdaptersOff(self.policy)  # the same weights, adapters off: no copy
-        else:
-            self.ref = self.frozen_copy(self.policy)
-            self.rebuildable(self.ref, init_from)
-        self.val_accuracy = MeanMetric()
-        self._val_samples: list[tuple[str, str, str, float]] = []
-        self.generator = torch.Generator().manual_seed(sampling_seed)
-        self.skipped_steps = 0  # optimizer steps (or rollouts) dropped for non-finite values
-        self._consecutive_skips = 0
-        self._loss_finite: torch.Tensor | None = None  # of the last backward, checked before the step
+            model = Transformer(arch)
+        self.adapt(model, init_from)
+        return model
 
-    # ------------------------------------------------------------------------------ models
     def adapt(self, trunk: Transformer, source: str | None) -> None:
         """Apply the memory options to a Transformer to be trained, loaded from ``source`` (a directory or None): LoRA
         adapters (its frozen base weights are then rebuilt from ``source`` on resume) and activation
@@ -177,17 +182,16 @@ class PolicyModule(L.LightningModule):
             digest = known.get(str(source)) or weights_digest(source)
             self._rebuildable.append((module, str(source), digest))
 
-    @staticmethod
-    def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-        """A copy that is never trained: eval mode, no grads, kept out of the optimizer."""
-        ref = copy.deepcopy(model).eval()
-        ref.requires_grad_(False)
-        return ref
+    def frozen(self, model):
+        """``model``, never trained: eval mode (kept so by ``train``), no grads, so out of the optimizer."""
+        model.eval().requires_grad_(False)
+        self._frozen.append(model)
+        return model
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.ref is not None:
-            self.ref.eval()
+        for model in getattr(self, "_frozen", ()):
+            model.eval()
         return self
 
     @property
@@ -291,37 +295,6 @@ class PolicyModule(L.LightningModule):
         self.policy.train(was_training)
         return out
 
-    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        return self.tokenizer.batch_decode(token_lists(ids, mask), skip_special_tokens=True)
-
-    # ------------------------------------------------------------------------- validation
-    def validation_step(self, batch, batch_idx):
-        out = self.generate(batch["prompt_ids"], batch["prompt_mask"], self.hparams.val_max_new_tokens, greedy=True)
-        completions = self.decode(out.completion_ids, out.completion_mask)
-        columns = {k: v for k, v in batch.items() if isinstance(v, list) and k != "prompt"}  # answer, ...
-        correct = torch.tensor(self.val_reward_fn(batch["prompt"], completions, **columns), device=self.device)
-        self.val_accuracy.update(correct)
-        for p, c, a, r in zip(batch["prompt"], completions, batch["answer"], correct.tolist()):
-            if len(self._val_samples) < self.hparams.num_logged_samples:
-                self._val_samples.append((p, c, a, r))
-        return correct.mean()
-
-    def on_validation_epoch_end(self):
-        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
-        with torch.inference_mode(False):  # validation runs in inference mode; keep metric state trainable-safe
-            self.val_accuracy.reset()
-        self.log_text("val/samples", ["prompt", "completion", "answer", "correct"], self._val_samples)
-        self._val_samples = []
-
-    def log_text(self, tag: str, header: list[str], rows: list[tuple]) -> None:
-        """A markdown table in TensorBoard's Text tab."""
-        if not rows or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
-            return
-        esc = lambda x: str(x).replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(esc(x) for x in row) + " |" for row in rows]
-        self.logger.experiment.add_text(tag, "\n".join(lines), self.global_step)
-
     # -------------------------------------------------------------------------- optimizer
     def trainable_parameters(self):
         return self.policy.parameters()
@@ -353,68 +326,14 @@ class PolicyModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        pass  # clipping happens in on_before_optimizer_step, where the gradient norm is computed once
-
-    def clip_grad_norm(self, optimizer) -> torch.Tensor:
-        """Scale the gradients to a total norm of at most ``max_grad_norm`` (0: leave them); return the
-        total norm before clipping (``train/grad_norm``)."""
-        max_norm = self.hparams.max_grad_norm
-        model = self.trainer.model
-        if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm over every rank's shards
-            return model.clip_grad_norm_(max_norm or float("inf"))
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if max_norm:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-
-    # ------------------------------------------------------------------- non-finite values
-    def nonfinite_step(self, what: str, bad: bool | torch.Tensor) -> bool:
-        """Is ``what`` (e.g. "loss") non-finite on any rank? "skip": warn, count and return True; "stop": raise."""
-        bad = bool(bad)
-        if self._trainer is not None and self.trainer.world_size > 1:  # the same decision on every rank
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if not bad:
-            return False
-        step, h = self.global_step, self.hparams
-        if h.nonfinite == "stop":
-            raise NonFiniteError(f"step {step}: {what} is NaN or Inf (model.nonfinite=stop); "
-                                 f"stopped before the optimizer step, checkpoints hold earlier weights")
-        self.skipped_steps += 1
-        self._consecutive_skips += 1
-        if self._consecutive_skips >= h.nonfinite_patience:
-            raise NonFiniteError(f"step {step}: {what} is NaN or Inf, {self._consecutive_skips} steps in a row "
-                                 f"(model.nonfinite_patience={h.nonfinite_patience}); stopping")
-        rank_zero_warn(f"step {step}: {what} is NaN or Inf: skipped this optimizer step "
-                       f"({self.skipped_steps} skipped so far; model.nonfinite=skip)")
-        return True
-
-    def on_before_backward(self, loss: torch.Tensor) -> None:
-        self._loss_finite = torch.isfinite(loss.detach()).all()  # read before the step (no sync here)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Clip the gradients (``max_grad_norm``), then skip (all grads -> None) or stop when the loss or the
-        total gradient norm is not finite: one norm computation for both."""
-        norm = self.clip_grad_norm(optimizer)
-        to_logger = self.logging_step()
-        if to_logger:
-            self.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False, batch_size=1)
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return  # fp16: the GradScaler skips overflowing steps itself
-        loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
-        self._loss_finite = None
-        grad_ok = torch.isfinite(norm)
-        what = "loss" if not loss_ok else "gradient norm"
-        if self.nonfinite_step(what, not (loss_ok and grad_ok)):
-            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
-        else:
-            self._consecutive_skips = 0
-        if to_logger:
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
-
     def logging_step(self) -> bool:
         """Will Lightning write this training step's metrics to the logger (every trainer.log_every_n_steps-th)?
-        Diagnostics are logged only then: each self.log costs ~0.3 ms of Lightning's bookkeeping."""
+        Diagnostics are logged only then: each self.log costs ~0.3 ms of Lightning's bookkeeping.
+
+        The one private Lightning attribute alignlab reads: the logger connector's own decision (it also
+        counts ``trainer.should_stop``), which no public API exposes. Tested by
+        ``test_every_metric_reaches_the_logger_on_its_logging_steps``: if Lightning renames it, every step
+        logs (the default below) and that test fails."""
         connector = getattr(self.trainer, "_logger_connector", None)
         return getattr(connector, "should_update_logs", True)
 
@@ -508,18 +427,12 @@ class PolicyModule(L.LightningModule):
         """The most tokens generated after a prompt, and the arguments that set it (validation's here)."""
         return self.hparams.val_max_new_tokens, "model.val_max_new_tokens"
 
-    def check_kind(self, dm) -> None:
-        kind = getattr(getattr(dm, "hparams", None), "kind", None)
-        if kind is not None and kind != self.data_kind:
-            raise ValueError(f"data.kind is {kind!r} but {type(self).__name__} trains on {self.data_kind!r} rows; "
-                             f"set data.kind: {self.data_kind}")
-
     def check_data(self, dm) -> None:
         """The DataModule's rows fit this module: their kind, and every sequence within the model's context.
 
         Called from ``setup`` and, by the CLI, before the run directory is written.
         """
-        self.check_kind(dm)
+        check_kind(self, dm)
         rows = (getattr(dm, "train_rows", None) or []) + (getattr(dm, "val_rows", None) or [])
         if not rows:
             return

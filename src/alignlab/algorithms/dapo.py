@@ -88,6 +88,7 @@ class DAPO(GRPO):
         G, max_rounds = self.hparams.num_generations, self.hparams.max_gen_rounds
         want = batch["prompt_ids"].shape[0]  # prompts per batch (on this rank)
         kept: list[Rollout] = []
+        all_rewards: list[torch.Tensor] = []  # (groups, G) of every round, kept or not
         n_kept = n_generated = 0
         for rounds in range(1, max_rounds + 1):
             r = super().make_rollout(batch)
@@ -97,7 +98,7 @@ class DAPO(GRPO):
             kept.append(r.select(keep_rows))
             n_kept += int(mixed.sum())
             n_generated += grouped.shape[0]
-            self._all_rewards.append(r.rewards)
+            all_rewards.append(grouped)
             if n_kept >= want:
                 break
             batch = self.next_prompts()
@@ -108,8 +109,10 @@ class DAPO(GRPO):
                 f"rewards). Raise max_gen_rounds or num_generations, start from a better/worse policy, "
                 f"or set model.dynamic_sampling=false.")
         r = Rollout.cat(kept, pad_id=self.pad_id).select(torch.arange(want * G))  # trim to the batch size
-        self._gen_stats = {"dropped_groups": torch.tensor(float(n_generated - n_kept)),  # equal-reward groups
-                           "gen_rounds": torch.tensor(float(rounds))}
+        grouped = torch.cat(all_rewards)  # every kept group is mixed: report the share among ALL generated ones
+        r.stats = {"frac_reward_zero_std": (grouped == grouped[:, :1]).all(dim=1).float().mean(),
+                   "dropped_groups": torch.tensor(float(n_generated - n_kept), device=self.device),  # equal rewards
+                   "gen_rounds": torch.tensor(float(rounds), device=self.device)}
         return r
 
     def next_prompts(self) -> dict:
@@ -145,18 +148,3 @@ class DAPO(GRPO):
         drawn = checkpoint.get("dapo_extra_prompts_drawn", torch.zeros(1))
         self._extra_drawn = int(drawn[self.global_rank % len(drawn)])
         self._extra_prompts = None  # rebuilt at that position on first use
-
-    # -- the step: as GRPO's, plus the dynamic-sampling counters
-    def training_step(self, batch, batch_idx):
-        self._all_rewards: list[torch.Tensor] = []
-        self._gen_stats = {}
-        return super().training_step(batch, batch_idx)
-
-    def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
-        metrics = super().compute_advantages(r)
-        if self.hparams.dynamic_sampling and self._all_rewards:
-            # after filtering every kept group is mixed; report the share among all generated groups
-            grouped = torch.cat(self._all_rewards).reshape(-1, self.hparams.num_generations)
-            metrics["frac_reward_zero_std"] = (grouped == grouped[:, :1]).all(dim=1).float().mean()
-            metrics.update({k: v.to(self.device) for k, v in self._gen_stats.items()})
-        return metrics

@@ -51,7 +51,6 @@ def sequence_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_ma
 
 class DPO(PolicyModule):
     data_kind = "preference"
-    needs_reference = True
 
     def __init__(
         self,
@@ -80,10 +79,12 @@ class DPO(PolicyModule):
         else:
             check(0 <= label_smoothing <= 1, "label_smoothing", f"must be in [0, 1], got {label_smoothing}")
         check(rpo_alpha >= 0, "rpo_alpha", f"must be >= 0, got {rpo_alpha}")
-        self.needs_reference = not precompute_ref_logps  # read by PolicyModule.__init__: no copy to free
         super().__init__(**kwargs)
         self._ref_table: dict[bytes, float] = {}
         self._policy_is_reference = True  # no optimizer step yet: the policy can still score missing rows
+
+    def needs_reference(self) -> bool:
+        return not self.hparams.precompute_ref_logps  # precomputed: no copy of the policy to keep
 
     # ------------------------------------------------------------------------ log-probs
     def pair_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:

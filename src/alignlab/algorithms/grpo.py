@@ -43,6 +43,14 @@ from alignlab.losses.policy import aggregate, clipped_surrogate, kl_estimate
 
 
 class GRPO(OnPolicyModule):
+    """One training step (``OnPolicyModule.training_step``); the methods below, in this order, change it:
+
+        r = self.make_rollout(batch)    # 1-2. o_1..o_G ~ pi_old(.|q) per prompt, R_i = sum_j w_j f_j(q, o_i)
+        self.prepare(r)                 # 3.   log pi_old (only if reused), log pi_ref (beta > 0)
+        self.compute_advantages(r)      # 4.   A_i = (R_i - mean_group R) / (std_group R + eps)
+        self.update(r)                  # 5.   mu x minibatches optimizer steps on compute_loss = -J(theta)
+    """
+
     def __init__(
         self,
         beta: float = 0.04,
@@ -65,7 +73,6 @@ class GRPO(OnPolicyModule):
             mask_truncated_completions: completions without EOS get zero loss weight (overlong filtering).
         """
         check(beta >= 0, "beta", f"must be >= 0, got {beta}")
-        self.needs_reference = beta > 0  # beta == 0: no reference model is created at all
         super().__init__(**kwargs)
         check(epsilon >= 0, "epsilon", f"must be >= 0, got {epsilon}")
         check(epsilon_high is None or epsilon_high >= 0, "epsilon_high", f"must be >= 0, got {epsilon_high}")
@@ -79,7 +86,20 @@ class GRPO(OnPolicyModule):
         self.kl_estimator, self.scale_rewards, self.loss_agg_mode = kl_estimator, scale_rewards, loss_agg_mode
         self.mask_truncated_completions = mask_truncated_completions
 
-    # -- 1. group-relative advantages: A_i = (R_i - mean_group R) / (std + eps)
+    def needs_reference(self) -> bool:
+        return self.hparams.beta > 0  # beta == 0: no reference model is created at all
+
+    # -- 3. log-probs fixed during the updates: pi_old (only if the policy moves before the last
+    #    update, else logp.detach() IS pi_old) and the frozen reference pi_ref
+    @torch.no_grad()
+    def prepare(self, r: Rollout) -> None:
+        if self.mask_truncated_completions:
+            r.loss_mask = r.completion_mask * (~r.truncated).unsqueeze(1).to(r.completion_mask.dtype)
+        super().prepare(r)
+        if self.beta > 0:
+            r.ref_logp = self.logps_no_grad(self.ref, r)
+
+    # -- 4. group-relative advantages: A_i = (R_i - mean_group R) / (std + eps)
     def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
         G = self.hparams.num_generations
         if self.scale_rewards == "batch" and self.world_size > 1:  # the batch std spans every rank's rewards
@@ -90,17 +110,7 @@ class GRPO(OnPolicyModule):
         r.advantages = adv  # (N,): the same advantage for every token of o_i
         return metrics
 
-    # -- log-probs fixed during the updates: pi_old (only if the policy moves before the last
-    #    update, else logp.detach() IS pi_old) and the frozen reference pi_ref
-    @torch.no_grad()
-    def prepare(self, r: Rollout) -> None:
-        if self.mask_truncated_completions:
-            r.loss_mask = r.completion_mask * (~r.truncated).unsqueeze(1).to(r.completion_mask.dtype)
-        super().prepare(r)
-        if self.beta > 0:
-            r.ref_logp = self.logps_no_grad(self.ref, r)
-
-    # -- 2. the loss: clipped surrogate + beta * KL, aggregated over tokens and sequences
+    # -- 5. the loss: clipped surrogate + beta * KL, aggregated over tokens and sequences
     summed_metrics = ("kl",)  # aggregated like the loss: a micro-batch's kl is its share
 
     def compute_loss(self, mb: Rollout, num_tokens, num_seqs):

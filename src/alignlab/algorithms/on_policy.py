@@ -1,14 +1,19 @@
-"""OnPolicyModule: the online-RL loop shared by GRPO, DAPO (and PPO).
+"""OnPolicyModule: the online-RL loop shared by GRPO, DAPO and PPO.
 
-One ``training_step`` is one iteration of
+One ``training_step`` is one iteration of, in the order the papers write it,
 
-    rollout     repeat each prompt G times and sample completions on the KV cache   (no grad)
-    score       reward functions -> one scalar reward per completion                  (no grad)
-    advantages  a hook: GRPO normalises rewards within each group; PPO would use GAE  (no grad)
-    prepare     log-probs that stay fixed during the updates (logp_old, reference)    (no grad)
-    update      num_iterations passes x minibatches optimizer steps on the rollout    (manual)
+    1. rollout     repeat each prompt G times and sample completions on the KV cache        (no grad)
+    2. score       reward functions -> one scalar reward per completion                       (no grad)
+    3. prepare     what stays fixed during the updates: pi_old's and pi_ref's log-probs,      (no grad)
+                   PPO's rollout-time values
+    4. advantages  GRPO: rewards normalised within each group; PPO: KL-shaped rewards + GAE   (no grad)
+    5. update      num_iterations passes x minibatches optimizer steps on the rollout          (manual)
 
-Each step is an overridable method, so a subclass changes one of them and keeps the rest.
+``make_rollout`` is steps 1-2 (DAPO's dynamic sampling repeats them until its groups are mixed), and every
+step is a method a subclass overrides to change that step alone: ``compute_advantages`` is where another
+advantage estimator (RLOO, REINFORCE++) goes, ``compute_loss`` where another policy loss (GSPO, CISPO) goes.
+Everything a rollout carries -- its tensors, its rewards, the statistics each step measured
+(``Rollout.stats``, logged once after the update) -- lives on the ``Rollout``, not on the module.
 
 Rewards are configured by import path, e.g. ``alignlab.rewards.rules.accuracy_reward``, with optional
 weights; several functions are summed. A function is called as TRL calls it,
@@ -51,6 +56,9 @@ class Rollout:
     logp_old: torch.Tensor | None = None  # (N, C), only when the policy moves before the last update
     ref_logp: torch.Tensor | None = None  # (N, C), only with a reference model
     loss_mask: torch.Tensor | None = None  # (N, C) tokens that carry loss (default: completion_mask)
+    values: torch.Tensor | None = None  # (N, C) PPO: the critic's values at rollout time
+    returns: torch.Tensor | None = None  # (N, C) PPO: GAE's returns, the critic's targets
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar statistics of the whole rollout
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -65,7 +73,9 @@ class Rollout:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
+            if f.name == "stats":  # of the whole rollout, not per row
+                out[f.name] = dict(v)
+            elif isinstance(v, torch.Tensor):
                 out[f.name] = v[idx.to(v.device)]
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in idx.tolist()]
@@ -103,7 +113,9 @@ class Rollout:
                     shifted.append(v + offset)
                     offset += int(v.max()) + 1 if len(v) else 0
                 vals = shifted
-            if vals[0] is None:
+            if f.name == "stats":
+                out[f.name] = {k: x for v in vals for k, x in v.items()}
+            elif vals[0] is None:
                 out[f.name] = None
             elif isinstance(vals[0], torch.Tensor):
                 side = "left" if f.name.startswith("prompt") else "right"
@@ -187,6 +199,27 @@ class OnPolicyModule(PolicyModule):
         self.automatic_optimization = False
         self.rollout_skipped = False  # was the last rollout dropped for non-finite rewards?
 
+    # ----------------------------------------------------------------------- the step
+    def nonfinite_rewards(self, r: Rollout) -> tuple[str, torch.Tensor]:
+        """("reward (<functions>)", is any reward NaN/Inf?): checked before any update on the rollout."""
+        names = [n for n, v in r.rewards_per_func.items() if not torch.isfinite(v).all()]
+        return f"reward ({', '.join(names) or 'total'})", ~torch.isfinite(r.rewards).all()
+
+    def training_step(self, batch, batch_idx):
+        r = self.make_rollout(batch)  # 1-2. sample G completions per prompt and score them
+        self.rollout_skipped = self.nonfinite_step(*self.nonfinite_rewards(r))
+        if self.rollout_skipped:  # no update on this rollout: the weights never see the NaN
+            return
+        self.prepare(r)  # 3. log-probs (and values) that stay fixed during the updates
+        r.stats = {**self.compute_advantages(r), **r.stats}  # 4. (what sampling measured stands: DAPO's)
+        self.policy.train()
+        r.stats.update(self.update(r))  # 5. num_iterations x minibatches optimizer steps
+        self.log_rollout(r)
+        self.after_update(r)
+
+    def after_update(self, r: Rollout) -> None:
+        """After the rollout's updates and logging (PPO: the adaptive KL controller)."""
+
     # --------------------------------------------------------------------------- helpers
     def global_sum(self, x: torch.Tensor | float) -> torch.Tensor:
         """Sum over DDP ranks (the local value on one device)."""
@@ -265,11 +298,6 @@ class OnPolicyModule(PolicyModule):
         self.score(r)
         return r
 
-    # ------------------------------------------------------------------------ advantages
-    def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
-        """Set r.advantages ((N,) or (N, C)); return metrics. GRPO: group-relative; PPO: GAE."""
-        raise NotImplementedError
-
     # --------------------------------------------------------------------------- prepare
     def reuses_rollout(self) -> bool:
         """Does the policy change before the last update on this rollout? Then logp_old must be stored."""
@@ -277,7 +305,8 @@ class OnPolicyModule(PolicyModule):
 
     @torch.no_grad()
     def prepare(self, r: Rollout) -> None:
-        """Log-probs that are constant during the updates. Subclasses add e.g. the reference's."""
+        """What stays constant during the updates: pi_old's log-probs when the policy moves before the last
+        update (else ``logp.detach()`` IS pi_old). Subclasses add the reference's (GRPO), the values (PPO)."""
         r.loss_mask = r.completion_mask if r.loss_mask is None else r.loss_mask
         if self.reuses_rollout():
             r.logp_old = self.logps_no_grad(self.policy, r)
@@ -307,6 +336,12 @@ class OnPolicyModule(PolicyModule):
         """mb in micro-batches of ``micro_batch_size`` rows (groups together), trimmed of padding (or mb itself)."""
         chunks = self.row_chunks(mb, self.micro_batch_size)
         return [mb] if len(chunks) == 1 else [mb.select(idx).trimmed() for idx in chunks]
+
+    # ------------------------------------------------------------------------ advantages
+    def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
+        """Set r.advantages ((N,) or (N, C)) from r.rewards (and what ``prepare`` stored); return statistics
+        for ``r.stats``. GRPO: group-relative; PPO: GAE on KL-shaped per-token rewards."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------ loss
     # metrics of compute_loss that are shares of the minibatch's aggregate (summed over micro-batches);
@@ -353,23 +388,6 @@ class OnPolicyModule(PolicyModule):
                 steps += 1
         return {k: v / steps for k, v in sums.items()}
 
-    # ----------------------------------------------------------------------- the step
-    def nonfinite_rewards(self, r: Rollout) -> tuple[str, torch.Tensor]:
-        """("reward (<functions>)", is any reward NaN/Inf?): checked before any update on the rollout."""
-        names = [n for n, v in r.rewards_per_func.items() if not torch.isfinite(v).all()]
-        return f"reward ({', '.join(names) or 'total'})", ~torch.isfinite(r.rewards).all()
-
-    def training_step(self, batch, batch_idx):
-        r = self.make_rollout(batch)
-        self.rollout_skipped = self.nonfinite_step(*self.nonfinite_rewards(r))
-        if self.rollout_skipped:  # no update on this rollout: the weights never see the NaN
-            return
-        adv_metrics = self.compute_advantages(r)
-        self.prepare(r)
-        self.policy.train()
-        upd_metrics = self.update(r)
-        self.log_rollout(r, {**adv_metrics, **upd_metrics})
-
     # ---------------------------------------------------------------------------- logging
     def rollout_metrics(self, r: Rollout) -> dict[str, torch.Tensor]:
         lengths = r.lengths.float()
@@ -398,10 +416,14 @@ class OnPolicyModule(PolicyModule):
                 self.log(k, torch.as_tensor(v, dtype=torch.float32, device=self.device), on_step=True,
                          prog_bar=k in self.prog_bar_metrics, batch_size=batch_size, sync_dist=self.world_size > 1)
 
-    def log_rollout(self, r: Rollout, metrics: dict[str, torch.Tensor]) -> None:
+    # a statistic named "<group>/..." for these groups is logged as it is; any other name as "train/<name>"
+    metric_groups: tuple[str, ...] = ("train", "rewards", "completions")
+
+    def log_rollout(self, r: Rollout) -> None:
+        """self.log the rollout's metrics and ``r.stats``; every n steps, a table of sample completions."""
         out = self.rollout_metrics(r)
-        for k, v in metrics.items():
-            out[k if "/" in k and k.split("/")[0] in ("train", "rewards", "completions") else f"train/{k}"] = v
+        for k, v in r.stats.items():
+            out[k if "/" in k and k.split("/")[0] in self.metric_groups else f"train/{k}"] = v
         self.log_metrics(out, len(r))
         if self.global_step % self.hparams.log_completions_every_n_steps < self.optimizer_steps_per_batch():
             names = list(r.rewards_per_func)
@@ -409,4 +431,3 @@ class OnPolicyModule(PolicyModule):
                      f"{r.rewards[i].item():.3g}", f"{float(r.advantages.reshape(len(r), -1)[i, 0]):.3g}")
                     for i in range(min(len(r), self.hparams.num_logged_samples))]
             self.log_text("train/completions", ["prompt", "completion", *names, "reward", "advantage"], rows)
-

@@ -70,7 +70,6 @@ non-score reward), ``policy/approxkl_avg`` (0.5 (logp - logp_old)^2), ``policy/c
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -84,34 +83,21 @@ from alignlab.losses.lm import masked_mean
 from alignlab.losses.policy import aggregate, clipped_surrogate, clipped_value_loss, kl_estimate
 from alignlab.model.heads import ScalarModel
 
-_TRL_GROUPS = ("objective", "policy", "loss", "val")
-
-
 def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
     """Ziegler et al. 2019's proportional controller: kl_coef * (1 + clip(kl / target - 1, +-0.2) * n / horizon)."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
-@dataclass
-class PPORollout(Rollout):
-    """A Rollout plus what the critic needs: rollout-time values and GAE returns, (N, C) each."""
-
-    values: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-
-    def select(self, idx) -> PPORollout:
-        base = {f.name: getattr(self, f.name) for f in fields(Rollout)}
-        out = vars(Rollout(**base).select(idx))
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        for name in ("values", "returns"):
-            v = getattr(self, name)
-            out[name] = None if v is None else v[idx.to(v.device)]
-        return PPORollout(**out)
-
-
 class PPO(OnPolicyModule):
-    needs_reference = True  # the KL in the reward is measured against the frozen SFT policy
+    """One training step (``OnPolicyModule.training_step``); the methods below, in this order, change it:
+
+        r = self.make_rollout(batch)    # 1-2. o ~ pi_old(.|q); s = r_phi(q, o) (or the rule rewards)
+        self.prepare(r)                 # 3.   log pi_old, log pi_ref, the critic's V_t at rollout time
+        self.compute_advantages(r)      # 3-4. r_t = -beta KL_t + [t = T] s; GAE -> A_t, R_t
+        self.update(r)                  # 5.   ppo_epochs x minibatches steps on L_policy + vf_coef L_value
+        self.after_update(r)            # 6.   adaptive KL controller (target_kl)
+    """
 
     def __init__(
         self,
@@ -205,7 +191,7 @@ class PPO(OnPolicyModule):
         if reward_model is not None:
             check(load_tokenizer(reward_model).get_vocab() == self.tokenizer.get_vocab(), "reward_model",
                   f"{reward_model} has a different tokenizer from the policy")
-            self.reward_model = ScalarModel.load(reward_model).eval().requires_grad_(False)
+            self.reward_model = self.frozen(ScalarModel.load(reward_model))
             self.rebuildable(self.reward_model, reward_model)
         # the critic: separate parameters, from the reward model (as InstructGPT) or the policy's trunk. With
         # LoRA it gets adapters of its own on a frozen trunk (its head is trained in full).
@@ -217,17 +203,10 @@ class PPO(OnPolicyModule):
             if self.lora is not None:
                 self.rebuildable(self.critic.trunk, kwargs.get("init_from"))
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if getattr(self, "reward_model", None) is not None:
-            self.reward_model.eval()
-        return self
+    def needs_reference(self) -> bool:
+        return True  # the KL in the reward is measured against the frozen SFT policy
 
     # ------------------------------------------------------------------------ 1-2. rollout, score
-    def make_rollout(self, batch: dict) -> PPORollout:
-        r = super().make_rollout(batch)
-        return PPORollout(**vars(r))
-
     @torch.no_grad()
     def score(self, r: Rollout) -> None:
         """r.rewards = s: RM score (+ rule_reward_weight * rules), - missing_eos_penalty, clipped."""
@@ -256,20 +235,23 @@ class PPO(OnPolicyModule):
         values = critic(torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1))
         return values[:, P - 1 : P + C - 1]
 
-    # ------------------------------------------------------------------- 3-4. KL reward, GAE
+    # ---------------------------------------------------------- 3. fixed log-probs and values
     @torch.no_grad()
-    def compute_advantages(self, r: PPORollout) -> dict[str, torch.Tensor]:
-        mask = r.completion_mask.float()
+    def prepare(self, r: Rollout) -> None:
+        """pi_old's log-probs (the ratio's denominator in every update), pi_ref's, and V_t at rollout time."""
         r.loss_mask = r.completion_mask
-        logp = self.logps_no_grad(self.policy, r)  # pi_old: the ratio's denominator in every update
-        r.logp_old = logp
+        r.logp_old = self.logps_no_grad(self.policy, r)
         r.ref_logp = self.logps_no_grad(self.ref, r)
         self.critic.eval()
         r.values = self.critic_values(self.critic, r.prompt_ids, r.prompt_mask, r.completion_ids,
-                                      r.completion_mask) * mask
+                                      r.completion_mask) * r.completion_mask.float()
         self.critic.train()
 
-        kl = kl_estimate(logp, r.ref_logp, self.hparams.kl_estimator) * mask  # (N, C)
+    # ------------------------------------------------------------------- 3-4. KL reward, GAE
+    @torch.no_grad()
+    def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
+        mask = r.completion_mask.float()
+        kl = kl_estimate(r.logp_old, r.ref_logp, self.hparams.kl_estimator) * mask  # (N, C)
         rewards = per_token_rewards(r.rewards, kl, mask, self.kl_coef)  # -kl_coef KL_t, + s on the last token
         if self.hparams.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
@@ -281,10 +263,9 @@ class PPO(OnPolicyModule):
         seq_kl = self.global_sum(kl.sum()) / n  # mean over completions of sum_t KL_t
         non_score = -self.kl_coef * seq_kl
         scores = self.global_sum(r.rewards.sum()) / n
-        self._rollout_kl, self._rollout_n = float(seq_kl), int(n)
         return {
             "objective/kl": seq_kl,
-            "objective/entropy": self.global_sum((-logp * mask).sum()) / n,
+            "objective/entropy": self.global_sum((-r.logp_old * mask).sum()) / n,
             "objective/non_score_reward": non_score,
             "objective/scores": scores,
             "objective/rlhf_reward": scores + non_score,
@@ -293,18 +274,13 @@ class PPO(OnPolicyModule):
             "train/returns_mean": masked_mean(returns, mask),
         }
 
-    @torch.no_grad()
-    def prepare(self, r: Rollout) -> None:
-        """Nothing left: compute_advantages already stored logp_old, ref_logp and the values."""
-        r.loss_mask = r.completion_mask if r.loss_mask is None else r.loss_mask
-
     # ------------------------------------------------------------------------------ 5. loss
     def in_critic_warmup(self) -> bool:
         return self.global_step // self.optimizer_steps_per_batch() < self.hparams.critic_warmup_steps
 
     summed_metrics = ("loss/value_avg", "loss/policy_avg")  # shares of the minibatch's token mean
 
-    def compute_loss(self, mb: PPORollout, num_tokens, num_seqs):
+    def compute_loss(self, mb: Rollout, num_tokens, num_seqs):
         h = self.hparams
         mask = mb.loss_mask
 
@@ -340,11 +316,10 @@ class PPO(OnPolicyModule):
         return loss, metrics
 
     # ------------------------------------------------------------- 6. adaptive KL controller
-    def training_step(self, batch, batch_idx):
-        super().training_step(batch, batch_idx)
-        if self.hparams.target_kl is not None and not self.rollout_skipped:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, self._rollout_kl, self.hparams.target_kl,
-                                            self._rollout_n, self.hparams.kl_horizon)
+    def after_update(self, r: Rollout) -> None:
+        if self.hparams.target_kl is not None:
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, float(r.stats["objective/kl"]), self.hparams.target_kl,
+                                            int(self.global_sum(len(r))), self.hparams.kl_horizon)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -355,14 +330,9 @@ class PPO(OnPolicyModule):
         self.kl_coef = float(checkpoint.get("ppo_kl_coef", self.kl_coef))
 
     # ------------------------------------------------------------------------------ logging
+    metric_groups = (*OnPolicyModule.metric_groups, "objective", "policy", "loss", "val")  # TRL's names, as they are
     every_step_metrics = (*OnPolicyModule.every_step_metrics, "objective/scores")
     prog_bar_metrics = (*OnPolicyModule.prog_bar_metrics, "objective/scores")
-
-    def log_rollout(self, r: Rollout, metrics: dict[str, torch.Tensor]) -> None:
-        """TRL-named metrics (objective/, policy/, loss/, val/) as they are; the rest as OnPolicyModule does."""
-        own = {k: v for k, v in metrics.items() if "/" in k and k.split("/")[0] in _TRL_GROUPS}
-        self.log_metrics(own, len(r))
-        super().log_rollout(r, {k: v for k, v in metrics.items() if k not in own})
 
     # ---------------------------------------------------------------------- optimizer, export
     def configure_optimizers(self):

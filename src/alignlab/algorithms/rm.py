@@ -29,7 +29,6 @@ from alignlab.model.heads import ScalarModel
 
 class RewardModel(PolicyModule):
     data_kind = "preference"
-    needs_reference = False
 
     def __init__(self, center_rewards_coef: float = 0.0, use_margin: bool = True, **kwargs):
         """
@@ -41,14 +40,14 @@ class RewardModel(PolicyModule):
         """
         check(center_rewards_coef >= 0, "center_rewards_coef", f"must be >= 0, got {center_rewards_coef}")
         super().__init__(**kwargs)
-        init_from = kwargs.get("init_from")
+
+    def build_model(self, init_from, arch) -> None:
+        """self.model: a saved reward model (head included), or the policy's trunk with a fresh head."""
         if init_from is not None and ScalarModel.is_scalar_model(init_from):
-            self._rebuildable.clear()  # the policy PolicyModule adapted is replaced by the saved trunk
             self.model = ScalarModel.load(init_from)
             self.adapt(self.model.trunk, init_from)
-        else:  # the policy's trunk (adapted by PolicyModule when lora is set) and a fresh, trained head
-            self.model = ScalarModel(self.policy)
-        del self.policy  # the trunk lives in self.model; nothing here generates
+        else:  # the trunk (adapted when lora is set) and a fresh, trained head
+            self.model = ScalarModel(self.new_transformer(init_from, arch))
 
     # ------------------------------------------------------------------------ scoring
     def pair_rewards(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

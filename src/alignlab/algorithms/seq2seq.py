@@ -24,9 +24,9 @@ import copy
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
 
-from alignlab.algorithms.base import PolicyModule, check
+from alignlab.algorithms.base import check, check_kind
+from alignlab.algorithms.validation import GenerativeValidation
 from alignlab.data.tokenizer import load_tokenizer
 from alignlab.losses.lm import masked_mean
 from alignlab.model.generate import GenerationOutput
@@ -67,7 +67,7 @@ def label_smoothed_nll(
     return loss, metrics
 
 
-class Seq2Seq(L.LightningModule):
+class Seq2Seq(GenerativeValidation, L.LightningModule):
     data_kind = "sft"  # prompt = source, completion = target
 
     def __init__(
@@ -119,8 +119,7 @@ class Seq2Seq(L.LightningModule):
             check(arch.vocab_size >= len(self.tokenizer), "arch.vocab_size",
                   f"{arch.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens")
             self.model = Seq2SeqTransformer(arch)
-        self.val_accuracy = MeanMetric()
-        self._val_samples: list[tuple[str, str, str, float]] = []
+        self.init_validation()
         self.generator = torch.Generator().manual_seed(sampling_seed)
 
     @property
@@ -164,16 +163,18 @@ class Seq2Seq(L.LightningModule):
         return out
 
     # --------------------------------------------------------------------------- validation
-    # The same greedy-generation validation as every PolicyModule (val/accuracy + a table of samples): those
-    # methods only need self.generate (above), the tokenizer, val_accuracy, the val_* hyper-parameters and
-    # the verifier (exact match of the answer after the last "=").
+    # GenerativeValidation (val/accuracy + a table of samples, as every PolicyModule) needs only
+    # self.generate (above), the tokenizer, the val_* hyper-parameters and the verifier: exact match of the
+    # answer after the last "=".
     val_reward_fn = staticmethod(accuracy_reward)
-    decode = PolicyModule.decode
-    validation_step = PolicyModule.validation_step
-    on_validation_epoch_end = PolicyModule.on_validation_epoch_end
-    log_text = PolicyModule.log_text  # the same markdown table in TensorBoard's Text tab
-    setup = PolicyModule.setup  # the same data.kind check: seq2seq trains on sft rows
-    check_data = PolicyModule.check_kind
+
+    def check_data(self, dm) -> None:
+        check_kind(self, dm)  # seq2seq trains on sft rows
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:  # one sampling stream per rank
+            self.generator.manual_seed(self.hparams.sampling_seed + self.global_rank)
+        self.check_data(getattr(self.trainer, "datamodule", None))
 
     # ---------------------------------------------------------------------------- optimizer
     def lr_lambda(self, step: int) -> float:
