@@ -25,7 +25,7 @@ Every variant runs without the KL term (beta 0): the paper drops the KL term up 
 table. Budgets count rollout batches (16 prompts x 8 samples); each is split into 2 minibatches
 (configs/ablation/rl.yaml), so ``trainer.max_steps`` = 2 x steps, and the second minibatch sees ratios
 away from 1: with one update per rollout the ratio is exactly 1 and no clip range could matter
-(docs/grpo_dapo.md). Results, and which of the paper's effects reproduce: docs/ablation.md.
+(docs/grpo_dapo.md, "Why the GRPO loss starts at 0"). Results, which effects reproduce: docs/ablation.md.
 """
 
 from __future__ import annotations
