@@ -186,22 +186,24 @@ class PPO(OnPolicyModule):
         self.rule_reward_weight = float(rule_reward_weight)
         self.kl_coef = float(kl_coef)  # the adaptive controller's state (saved in checkpoints)
 
-        # the reward model: frozen, never trained
+    def build_model(self, init_from, arch) -> None:
+        """The policy; the reward model (frozen, never trained); the critic: separate parameters, from the
+        reward model (as InstructGPT) or the policy's trunk. With LoRA the critic gets adapters of its own
+        on a frozen trunk (its head is trained in full)."""
+        super().build_model(init_from, arch)
+        path = self.hparams.reward_model
         self.reward_model = None
-        if reward_model is not None:
-            check(load_tokenizer(reward_model).get_vocab() == self.tokenizer.get_vocab(), "reward_model",
-                  f"{reward_model} has a different tokenizer from the policy")
-            self.reward_model = self.frozen(ScalarModel.load(reward_model))
-            self.rebuildable(self.reward_model, reward_model)
-        # the critic: separate parameters, from the reward model (as InstructGPT) or the policy's trunk. With
-        # LoRA it gets adapters of its own on a frozen trunk (its head is trained in full).
-        if reward_model is not None:
-            self.critic = ScalarModel.load(reward_model)
-            self.adapt(self.critic.trunk, reward_model)
+        if path is not None:
+            check(load_tokenizer(path).get_vocab() == self.tokenizer.get_vocab(), "reward_model",
+                  f"{path} has a different tokenizer from the policy")
+            self.reward_model = self.frozen(ScalarModel.load(path))
+            self.rebuildable(self.reward_model, path)
+            self.critic = ScalarModel.load(path)
+            self.adapt(self.critic.trunk, path)
         else:  # a copy of the policy: with LoRA its frozen base (= init_from) and fresh adapters like the policy's
             self.critic = ScalarModel(copy.deepcopy(self.policy))
             if self.lora is not None:
-                self.rebuildable(self.critic.trunk, kwargs.get("init_from"))
+                self.rebuildable(self.critic.trunk, init_from)
 
     def needs_reference(self) -> bool:
         return True  # the KL in the reward is measured against the frozen SFT policy
