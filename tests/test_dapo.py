@@ -140,7 +140,8 @@ def test_epsilon_is_spelled_epsilon_low():
 
 
 # ----------------------------------------------------------------------------------- smoke
-EXPECTED = ["train/loss", "train/reward", "train/reward_std", "train/entropy", "train/clip_ratio/low",
+EXPECTED = ["train/loss", "train/reward", "train/reward_std", "train/group_reward_std",
+            "train/entropy", "train/clip_ratio/low",
             "train/clip_ratio/high", "train/clip_ratio/region", "train/frac_reward_zero_std",
             "train/dropped_groups", "train/gen_rounds", "completions/mean_length", "completions/min_length",
             "completions/max_length", "completions/clipped_ratio", "rewards/format_reward/mean",

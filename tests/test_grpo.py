@@ -224,7 +224,8 @@ def test_bad_config_names_the_argument(kw, name):
 
 
 # ------------------------------------------------------------------------------- smoke + ref
-EXPECTED = ["train/loss", "train/reward", "train/reward_std", "train/kl", "train/entropy", "train/clip_ratio/low",
+EXPECTED = ["train/loss", "train/reward", "train/reward_std", "train/group_reward_std",
+            "train/kl", "train/entropy", "train/clip_ratio/low",
             "train/clip_ratio/high", "train/clip_ratio/region", "train/frac_reward_zero_std",
             "completions/mean_length", "completions/min_length", "completions/max_length",
             "completions/clipped_ratio", "rewards/accuracy_reward/mean", "rewards/format_reward/mean",

@@ -22,7 +22,8 @@ def test_group_advantages_group_scaling():
     assert adv[0].item() == pytest.approx(-1 / 1.0001, rel=1e-6)
     assert adv[8].item() == pytest.approx(2 / (math.sqrt(3) + eps), rel=1e-6)
     assert torch.all(adv[3:6] == 0)  # zero-std group: no signal, exactly 0
-    assert m["reward_std"].item() == pytest.approx((1 + 0 + math.sqrt(3)) / 3, rel=1e-6)
+    assert m["group_reward_std"].item() == pytest.approx((1 + 0 + math.sqrt(3)) / 3, rel=1e-6)
+    assert m["reward_std"].item() == pytest.approx(REWARDS.std().item(), rel=1e-6)  # TRL's: all rewards
     assert m["frac_reward_zero_std"].item() == pytest.approx(1 / 3)
     assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
 
@@ -30,15 +31,19 @@ def test_group_advantages_group_scaling():
 def test_group_advantages_batch_and_none_scaling():
     adv, m = group_advantages(REWARDS, 3, scale_rewards="batch", eps=1e-4)
     torch.testing.assert_close(adv, CENTRED / (BATCH_STD + 1e-4))  # mean per group, std over the batch
-    adv, _ = group_advantages(REWARDS, 3, scale_rewards="none")
+    assert m["frac_reward_zero_std"].item() == 0.0  # TRL's: is the std the advantages are divided by 0?
+    adv, m = group_advantages(REWARDS, 3, scale_rewards="none")
     torch.testing.assert_close(adv, CENTRED)
-    assert m["frac_reward_zero_std"].item() == pytest.approx(1 / 3)  # metrics do not depend on scaling
+    assert m["frac_reward_zero_std"].item() == pytest.approx(1 / 3)  # the groups' stds, as TRL
+    _, m = group_advantages(torch.ones(6), 3, scale_rewards="batch")
+    assert m["frac_reward_zero_std"].item() == 1.0
 
 
 def test_group_advantages_all_equal_and_group_of_one():
     adv, m = group_advantages(torch.tensor([0.0, 0.0, 1.0, 1.0]), group_size=2)
     assert torch.all(adv == 0)
-    assert m["frac_reward_zero_std"].item() == 1.0 and m["reward_std"].item() == 0.0
+    assert m["frac_reward_zero_std"].item() == 1.0 and m["group_reward_std"].item() == 0.0
+    assert m["reward_std"].item() == pytest.approx(torch.tensor([0.0, 0.0, 1.0, 1.0]).std().item())
     adv, m = group_advantages(torch.tensor([0.3, 2.0]), group_size=1)
     assert torch.all(adv == 0) and not torch.isnan(m["reward_std"])
     adv, _ = group_advantages(torch.tensor([5.0]), group_size=1, scale_rewards="batch")

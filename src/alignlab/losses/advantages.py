@@ -29,8 +29,11 @@ def group_advantages(
     Args:
         rewards: (N,) rewards ordered as N / group_size consecutive groups of group_size samples.
     Returns:
-        advantages: (N,); metrics: {"reward_std" (mean of the group stds), "frac_reward_zero_std"
-        (share of groups whose rewards are all equal: they give no learning signal)}.
+        advantages: (N,); metrics, as TRL's GRPOTrainer defines them: "reward_std" (the std of all N
+        rewards), "frac_reward_zero_std" (the share of rewards whose scaling std is 0: with "group" and
+        "none" the share of groups whose rewards are all equal -- they give no learning signal -- with
+        "batch" 1 if every reward of the batch is equal, else 0); and "group_reward_std" (the mean of the
+        group stds, what GRPO divides by).
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {'|'.join(SCALE_REWARDS)}, got {scale_rewards!r}")
@@ -43,15 +46,20 @@ def group_advantages(
     group_mean = grouped.mean(dim=1, keepdim=True)
     group_std = _std(grouped, dim=1, keepdim=True)  # (N / G, 1)
 
+    batch_std = _std(rewards)
     advantages = grouped - group_mean
     if scale_rewards == "group":
         advantages = advantages / (group_std + eps)
     elif scale_rewards == "batch":
-        advantages = advantages / (_std(rewards) + eps)
+        advantages = advantages / (batch_std + eps)
 
-    zero_std = (grouped == grouped[:, :1]).all(dim=1)
+    if scale_rewards == "batch":  # one std for the batch: is it 0?
+        zero_std = (rewards == rewards[:1]).all()[None]
+    else:  # each group's
+        zero_std = (grouped == grouped[:, :1]).all(dim=1)
     metrics = {
-        "reward_std": group_std.mean(),
+        "reward_std": batch_std,
+        "group_reward_std": group_std.mean(),
         "frac_reward_zero_std": zero_std.float().mean(),
     }
     return advantages.reshape(-1), metrics
