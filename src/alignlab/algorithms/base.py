@@ -36,7 +36,8 @@ from alignlab.data.tokenizer import load_tokenizer
 from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selective_log_softmax
 from alignlab.model.generate import GenerationOutput, generate
 from alignlab.model.lora import AdaptersOff, LoRAConfig, apply_lora, save_peft_adapter
-from alignlab.model.transformer import PrefixCache, Transformer, TransformerConfig
+from alignlab.model.speed import PrefixCache
+from alignlab.model.transformer import Transformer, TransformerConfig
 
 
 class NonFiniteError(FloatingPointError):
