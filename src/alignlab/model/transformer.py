@@ -357,17 +357,3 @@ class Transformer(nn.Module):
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
-
-    # Hugging Face interop lives in hf.py; these two are the public entry points.
-    @classmethod
-    def from_hf(cls, path, dtype: torch.dtype | None = None) -> Transformer:
-        """Build from a local HF checkpoint directory (Llama, Mistral, Qwen2, Qwen3)."""
-        from alignlab.model.hf import load_hf
-
-        return load_hf(path, dtype=dtype)
-
-    def to_hf(self, path, tokenizer=None, overwrite: bool = False) -> None:
-        """Write config.json + model.safetensors (+ tokenizer) loadable by transformers' AutoModel."""
-        from alignlab.model.hf import save_hf
-
-        save_hf(self, path, tokenizer=tokenizer, overwrite=overwrite)
