@@ -288,9 +288,9 @@ class Transformer(nn.Module):
 
     ``activation_checkpointing = True``: under autograd each block keeps only its input and recomputes its
     activations in the backward (torch.utils.checkpoint, non-reentrant): same values and gradients, memory
-    of one block's activations instead of every block's. The prefix pass of a ``PrefixCache`` is exempt (it
-    stores keys/values as a side effect, which a recomputation would repeat); the completions that attend
-    to it are checkpointed.
+    of one block's activations instead of every block's. The prefix pass of a ``speed.PrefixCache`` is
+    exempt (it stores keys/values as a side effect, which a recomputation would repeat); the completions
+    that attend to it are checkpointed.
     """
 
     def __init__(self, cfg: TransformerConfig):
