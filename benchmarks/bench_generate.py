@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py --init-from models/smollm2-135m-instruct --batch 32 --num-samples 8 \
         --new-tokens 64 --repeats 3 --out benchmarks/results/generate_smollm2.json
 
-The default TransformerConfig (the ~5M-parameter model of the built-in tasks) is exported with ``to_hf``
+The default TransformerConfig (the ~5M-parameter model of the built-in tasks) is exported with ``save_hf``
 and loaded back as a ``LlamaForCausalLM``, so both sides run identical weights. Batch of 32 left-padded
 prompts (lengths 8..16), 32 new tokens, plain sampling (temperature 1, no top-k / top-p), an EOS id
 outside the vocabulary so every row produces exactly 32 tokens, 2 threads. After a warm-up each side is
@@ -33,6 +33,7 @@ import torch
 from common import cpu_model  # benchmarks/common.py (scripts run as python benchmarks/x.py)
 
 from alignlab.model.generate import generate
+from alignlab.model.hf import load_hf, save_hf
 from alignlab.model.transformer import Transformer, TransformerConfig
 
 
@@ -78,14 +79,14 @@ def main(argv=None) -> dict:
     if args.init_from:
         from transformers import AutoModelForCausalLM
 
-        ours = Transformer.from_hf(args.init_from).float().eval()
+        ours = load_hf(args.init_from).float().eval()
         cfg = ours.config
         hf = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).eval()
     else:
         cfg = TransformerConfig()
         ours = Transformer(cfg).eval()
         with tempfile.TemporaryDirectory() as d:
-            ours.to_hf(d)
+            save_hf(ours, d)
             hf = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     G = args.num_samples
 

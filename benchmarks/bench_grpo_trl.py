@@ -6,7 +6,7 @@
 ``--model default`` is the model ``make train ALGO=grpo`` trains (dim 64, 2 layers, 0.1M parameters: per-operation
 overhead dominates a step); ``--model 6m`` is dim 256, 6 layers, 4.9M parameters (the step is bound by matmul
 throughput). Unless ``--init-from`` names an HF export, the model is first SFT-trained in process on the
-scratchpad addition task (``--sft-steps``, 0 = random init), then exported once with ``to_hf``: ours loads it
+scratchpad addition task (``--sft-steps``, 0 = random init), then exported once with ``save_hf``: ours loads it
 with ``GRPO(init_from=...)``, TRL with ``AutoModelForCausalLM.from_pretrained`` -- identical weights and
 tokenizer on both sides.
 

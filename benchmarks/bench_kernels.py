@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py [--out benchmarks/results/kernels.json] [--threads 2]
 
 1. Attention: ``F.scaled_dot_product_attention`` (PyTorch's fused CPU kernel) vs the eager
-   ``softmax(q k^T / sqrt(D)) v`` that ``transformer.attention`` uses below 128 keys. Training shape: B=128 rows,
+   ``softmax(q k^T / sqrt(D)) v`` that ``speed.attention`` uses below 128 keys. Training shape: B=128 rows,
    H=8 heads, T=27 queries, S=33 keys, D=32, a padding mask, forward and forward + backward, fp32 and bf16;
    decoding shape: T=1 query over S=30 cached keys, forward, fp32 and bf16.
 2. Sampling one token per row from (128, 128) probabilities: ``torch.multinomial`` vs ``generate.sample``
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from common import cpu_model  # benchmarks/common.py (scripts run as python benchmarks/x.py)
 
-import alignlab.model.transformer as transformer
+import alignlab.model.speed as speed
 from alignlab.model.generate import sample
 
 
@@ -44,7 +44,7 @@ def attention_cases(iters: int) -> list[dict]:
     B, H, D = 128, 8, 32
     g = torch.Generator().manual_seed(0)
     kernels = {"sdpa": lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-               "eager": lambda q, k, v, mask: transformer.attention(q, k, v, mask)}
+               "eager": lambda q, k, v, mask: speed.attention(q, k, v, mask)}
     cases = [(kind, dtype, T, S) for dtype in (torch.float32, torch.bfloat16)
              for kind, T, S in (("fwd", 27, 33), ("fwd+bwd", 27, 33), ("decode", 1, 30))]
     out = []

@@ -9,7 +9,7 @@ import torch
 from conftest import SCRATCHPAD, datamodule, fit, held_out_accuracy, held_out_prompts, learning_seeds, tiny_arch
 
 from alignlab.algorithms import DPO
-from alignlab.model.transformer import Transformer
+from alignlab.model.hf import load_hf
 
 
 def first_batch(dm, split="train"):
@@ -169,7 +169,7 @@ def test_smoke_20_steps_logs_trl_metrics_and_exports(tmp_path):
                 "logps/chosen", "logps/rejected", "val/accuracy", "val/rewards/accuracies", "val/loss"):
         assert key in logged and torch.isfinite(torch.as_tensor(logged[key])), key
     m.export(tmp_path / "hf")
-    back = Transformer.from_hf(tmp_path / "hf")
+    back = load_hf(tmp_path / "hf")
     torch.testing.assert_close(back.embed_tokens.weight, m.policy.embed_tokens.weight)
 
 

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from alignlab.model.generate import filter_logits, generate, sample
+from alignlab.model.generate import Completions, Sampler, filter_logits, generate, sample
 from alignlab.model.transformer import KVCache, Transformer, TransformerConfig
 
 EOS, PAD = 1, 0
@@ -124,6 +125,27 @@ def test_mask_covers_up_to_eos_and_pads_after():
     out = generate(m, ids, mask, 4, EOS, PAD, greedy=True)
     assert out.completion_ids.tolist() == [[7, 7, 7, 7]] * 2
     assert out.truncated.all() and out.lengths.tolist() == [4, 4]
+
+
+def test_sampler_is_filter_then_inverse_cdf_and_completions_stop_at_eos():
+    """The one sampling step of both decoders: greedy = argmax, else ``sample`` of the filtered
+    softmax(logits / T), one uniform per row from the generator; ``Completions`` pads a row after its EOS."""
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
+    choose = Sampler(temperature=0.5, top_k=7, top_p=0.9, generator=torch.Generator().manual_seed(2))
+    tok, logp = choose(logits)
+    want = sample(filter_logits(logits / 0.5, 7, 0.9).softmax(-1), torch.Generator().manual_seed(2))
+    assert torch.equal(tok, want)
+    torch.testing.assert_close(logp, (logits / 0.5).log_softmax(-1).gather(-1, want[:, None])[:, 0])
+    assert torch.equal(Sampler(greedy=True)(logits)[0], logits.argmax(-1))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        Sampler(temperature=0.0)
+    out = Completions(2, 5, EOS, PAD, None)
+    assert not out.add(0, torch.tensor([7, EOS]), torch.tensor([-1.0, -2.0]))
+    assert out.add(1, torch.tensor([EOS, 9]), torch.tensor([-3.0, -4.0]))
+    res = out.output()
+    assert res.completion_ids.tolist() == [[7, EOS], [EOS, PAD]]
+    assert res.completion_mask.tolist() == [[1, 1], [1, 0]]
+    assert res.logprobs.tolist() == [[-1.0, -3.0], [-2.0, 0.0]] and not res.truncated.any()
 
 
 def test_filter_logits_top_k_and_top_p():

@@ -6,6 +6,7 @@ from conftest import tiny_arch
 
 from alignlab.data.datamodule import pad
 from alignlab.model.heads import HEAD_WEIGHTS, MARKER, ScalarModel, last_token_index
+from alignlab.model.hf import save_hf
 from alignlab.model.transformer import Transformer
 
 SEQS = [[5, 6, 7, 8, 9, 2], [10, 11, 2], [12, 13, 14, 2]]
@@ -57,7 +58,7 @@ def test_save_load_round_trip(tmp_path):
 def test_from_policy_keeps_trunk_and_adds_small_fresh_head(tmp_path):
     torch.manual_seed(0)
     policy = Transformer(tiny_arch())
-    policy.to_hf(tmp_path / "policy")
+    save_hf(policy, tmp_path / "policy")
     with pytest.raises(FileNotFoundError, match="not an alignlab reward"):
         ScalarModel.load(tmp_path / "policy")
     m = ScalarModel.from_policy(tmp_path / "policy").eval()

@@ -1,8 +1,8 @@
 """HF interop: tiny random Llama / Qwen2 / Qwen3 / Mistral models built from configs in the test.
 
 Parity = our logits within 1e-4 of transformers' on a left-padded batch (real positions only) and greedy
-generations token-for-token identical; export = to_hf -> AutoModelForCausalLM gives the same logits and
-from_hf gives back the identical state dict. Nothing is downloaded.
+generations token-for-token identical; export = save_hf -> AutoModelForCausalLM gives the same logits and
+load_hf gives back the identical state dict. Nothing is downloaded.
 """
 
 import json
@@ -96,7 +96,7 @@ def make_hf(kind):
 def test_hf_checkpoint_parity(kind, tmp_path):
     hf = make_hf(kind)
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_hf(tmp_path).eval()
+    ours = load_hf(tmp_path).eval()
     assert ours.config.qkv_bias == (kind == "qwen2") and ours.config.qk_norm == (kind == "qwen3")
     assert ours.config.tie_embeddings == (kind == "qwen2")
     ids, mask = left_padded_batch()
@@ -144,7 +144,7 @@ def test_export_round_trip(name, tmp_path):
     )
     ours = Transformer(cfg).eval()
     perturb_(ours)
-    ours.to_hf(tmp_path)
+    save_hf(ours, tmp_path)
     hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     ids, mask = left_padded_batch()
@@ -152,7 +152,7 @@ def test_export_round_trip(name, tmp_path):
         ref, got = hf_logits(hf.eval(), ids, mask), ours(ids, mask)
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=0)
 
-    back = Transformer.from_hf(tmp_path)
+    back = load_hf(tmp_path)
     assert back.config == cfg
     a, b = ours.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -168,7 +168,7 @@ def test_sharded_checkpoint_loads(tmp_path):
         tmp_path / "model.safetensors"
     ).exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    ours = Transformer.from_hf(tmp_path).eval()
+    ours = load_hf(tmp_path).eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
         torch.testing.assert_close(
@@ -177,7 +177,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 def test_dtype(tmp_path):
-    Transformer(TransformerConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2)).to(torch.bfloat16).to_hf(
+    save_hf(Transformer(TransformerConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2)).to(torch.bfloat16),
         tmp_path
     )
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
@@ -197,7 +197,7 @@ def test_tokenizer_ids_and_files_are_exported(tmp_path):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
-    Transformer(TransformerConfig(vocab_size=6, dim=32, n_layers=1, n_heads=2)).to_hf(
+    save_hf(Transformer(TransformerConfig(vocab_size=6, dim=32, n_layers=1, n_heads=2)),
         tmp_path, tokenizer=tokenizer
     )
     config = json.loads((tmp_path / "config.json").read_text())
@@ -207,9 +207,9 @@ def test_tokenizer_ids_and_files_are_exported(tmp_path):
 
 def test_refuses_to_overwrite(tmp_path):
     model = Transformer(TransformerConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2))
-    model.to_hf(tmp_path)
+    save_hf(model, tmp_path)
     with pytest.raises(FileExistsError, match=str(tmp_path)):
-        model.to_hf(tmp_path)
+        save_hf(model, tmp_path)
     save_hf(model, tmp_path, overwrite=True)
 
 
@@ -218,31 +218,31 @@ def test_refuses_to_overwrite(tmp_path):
 
 def test_missing_directory_or_config(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
-        Transformer.from_hf(tmp_path / "nope")
+        load_hf(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_hf(tmp_path)
+        load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(HF_CONFIGS["llama"]().to_dict()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
-        Transformer.from_hf(tmp_path)
+        load_hf(tmp_path)
 
 
 def test_unsupported_model_type_names_file_and_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
     with pytest.raises(NotImplementedError, match="config.json.*'model_type' = 'gpt2'") as e:
-        Transformer.from_hf(tmp_path)
+        load_hf(tmp_path)
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_and_unexpected_weights_are_named(tmp_path):
-    Transformer(TransformerConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2)).to_hf(tmp_path)
+    save_hf(Transformer(TransformerConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2)), tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.layers.0.mlp.extra.weight"] = tensors.pop("model.layers.0.mlp.up_proj.weight")
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(
         ValueError, match=r"missing \['layers.0.mlp.up_proj.weight'\].*unexpected \['layers.0.mlp.extra"
     ):
-        Transformer.from_hf(tmp_path)
+        load_hf(tmp_path)
 
 
 def llama_dict(**overrides):

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from alignlab.algorithms import DPO, GRPO, PPO, SFT  # noqa: E402
 from alignlab.algorithms.on_policy import Rollout  # noqa: E402
+from alignlab.model.hf import load_hf, save_hf  # noqa: E402
 from alignlab.model.lora import LORA_TARGETS, AdaptersOff, LoRAConfig, LoRALinear, adapters_off, apply_lora  # noqa: E402
 from alignlab.model.transformer import Transformer, TransformerConfig  # noqa: E402
 
@@ -111,12 +112,12 @@ def test_merged_export_equals_the_unmerged_model(tmp_path):
     model = base_model()
     apply_lora(model, LoRAConfig(r=4, alpha=16))
     nonzero_adapters_(model)
-    model.to_hf(tmp_path / "merged")
+    save_hf(model, tmp_path / "merged")
     ids, mask = batch()
     with torch.no_grad():
         want = model(ids, mask)
-        ours = Transformer.from_hf(tmp_path / "merged")(ids, mask)
-        assert not any(isinstance(m, LoRALinear) for m in Transformer.from_hf(tmp_path / "merged").modules())
+        ours = load_hf(tmp_path / "merged")(ids, mask)
+        assert not any(isinstance(m, LoRALinear) for m in load_hf(tmp_path / "merged").modules())
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         theirs = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     real = mask.bool()
@@ -129,7 +130,7 @@ def test_peft_loads_the_adapter_export_on_the_transformers_base_model(tmp_path):
     peft = pytest.importorskip("peft")
     from alignlab.data.tokenizer import char_tokenizer
 
-    base_model().to_hf(tmp_path / "base", tokenizer=char_tokenizer())  # the model the run starts from (init_from)
+    save_hf(base_model(), tmp_path / "base", tokenizer=char_tokenizer())  # the model the run starts from (init_from)
     cfg = LoRAConfig(r=4, alpha=12, dropout=0.05, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"])
     module = SFT(init_from=str(tmp_path / "base"), lora=cfg)
     nonzero_adapters_(module.policy)

@@ -16,6 +16,7 @@ from alignlab.algorithms.on_policy import Rollout
 from alignlab.checkpoint import AtomicCheckpointIO
 from alignlab.data.tokenizer import char_tokenizer
 from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selective_log_softmax
+from alignlab.model.hf import load_hf, save_hf
 from alignlab.model.lora import LoRAConfig, LoRALinear
 from alignlab.model.transformer import Transformer
 
@@ -183,7 +184,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_fewer_s
 def start_dir(tmp_path):
     """A random tiny policy exported in HF format: the init_from of the runs below."""
     torch.manual_seed(1)
-    Transformer(tiny_arch()).to_hf(tmp_path / "start", tokenizer=char_tokenizer())
+    save_hf(Transformer(tiny_arch()), tmp_path / "start", tokenizer=char_tokenizer())
     return str(tmp_path / "start")
 
 
@@ -223,7 +224,7 @@ def test_checkpoints_hold_no_frozen_weights_and_resume_exactly(name, start_dir, 
         assert all(".lora_" in k or k.startswith("critic.head.") for k in keys)
         n_opt = sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"])
         assert n_opt == len(trained)  # the optimizer holds the adapters (and PPO's critic head) only
-    start = Transformer.from_hf(start_dir).state_dict()
+    start = load_hf(start_dir).state_dict()
     moved = [k for k, v in ckpt["state_dict"].items() if k.startswith("policy.") and (  # B starts at 0
              v.abs().max() > 0 if ".lora_B." in k else ".lora_A." not in k and not torch.equal(v, start[k[7:]]))]
     assert moved  # training changed the policy by step 2: the resume below has something to restore
@@ -252,7 +253,7 @@ def test_resume_refuses_a_changed_init_from_directory(start_dir, tmp_path):
 
 def test_lora_runs_train_the_adapters_only(start_dir, tmp_path):
     module = run("grpo_lora", start_dir, tmp_path / "run", 2)
-    base = Transformer.from_hf(start_dir).state_dict()
+    base = load_hf(start_dir).state_dict()
     for k, v in module.policy.state_dict().items():
         if ".lora_" not in k:
             assert torch.equal(v, base[k]), k

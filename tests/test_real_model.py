@@ -10,7 +10,7 @@ import torch
 
 from alignlab.data.tokenizer import load_tokenizer, render_prompt
 from alignlab.model.generate import generate
-from alignlab.model.transformer import Transformer
+from alignlab.model.hf import load_hf
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.real_model
@@ -33,7 +33,7 @@ def models(smollm2_dir):
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
-    ours = Transformer.from_hf(smollm2_dir).eval()
+    ours = load_hf(smollm2_dir).eval()
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, local_files_only=True).eval()
     return ours, hf
 

@@ -206,14 +206,15 @@ def test_sigkill_then_resume_with_the_reference_reloaded_from_init_from(variant,
     with the directory changed, resuming is one line naming it (exit 2)."""
     from alignlab.cli import cli
     from alignlab.data.tokenizer import char_tokenizer
+    from alignlab.model.hf import save_hf
     from alignlab.model.transformer import Transformer, TransformerConfig
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT / "tests"))
     torch.manual_seed(0)
     start = tmp_path / "start"
-    Transformer(TransformerConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=64)).to_hf(
-        start, tokenizer=char_tokenizer())
+    save_hf(Transformer(TransformerConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=64)),
+            start, tokenizer=char_tokenizer())
     extra = [f"--model.init_args.init_from={start}", "--model.init_args.reward_funcs=[resume_helpers.length_parity_reward]"]
     if variant == "lora":
         extra += ["--model.init_args.lora.r=4", "--model.init_args.lora.dropout=0.1", "--model.init_args.lr=1e-2"]

@@ -9,6 +9,7 @@ import torch
 from conftest import datamodule, fit, learning_seeds, val_accuracy
 
 from alignlab.algorithms.seq2seq import Seq2Seq, label_smoothed_nll, noam_lr
+from alignlab.model.generate import Sampler
 from alignlab.model.seq2seq import (
     DecoderCache,
     MultiHeadAttention,
@@ -178,6 +179,24 @@ def test_sampling_is_seeded_and_stops_at_eos():
         assert bool(trunc) == (2 not in row[:n].tolist())
         if not trunc:
             assert row[n - 1] == 2
+
+
+def test_sampling_draws_what_the_shared_sampler_draws_on_each_steps_logits():
+    """Seq2seq sampling is ``generate.Sampler`` (the decoder-only sampler): replayed with the same seed on the
+    teacher-forced logits of the sampled completions, it draws the same tokens, with the same log-probs."""
+    model = tiny()
+    src, src_mask, _ = batch()
+    kw = dict(temperature=1.5, top_k=20, top_p=0.95)
+    out = model.generate(src, src_mask, 12, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         generator=torch.Generator().manual_seed(3), **kw)
+    prefix = torch.cat([torch.ones(3, 1, dtype=torch.long), out.completion_ids[:, :-1]], 1)
+    with torch.no_grad():
+        logits = model(src, src_mask, prefix)  # (B, T, V)
+    choose = Sampler(generator=torch.Generator().manual_seed(3), **kw)
+    tokens, logps = zip(*(choose(logits[:, t]) for t in range(logits.shape[1])))  # one draw per row per step
+    m = out.completion_mask.bool()
+    assert out.lengths.max() >= 3 and torch.equal(torch.stack(tokens, 1)[m], out.completion_ids[m])
+    torch.testing.assert_close(torch.stack(logps, 1)[m], out.logprobs[m], atol=1e-5, rtol=1e-5)
 
 
 def test_embeddings_are_tied_and_scaled():

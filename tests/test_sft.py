@@ -2,7 +2,7 @@ import lightning as L
 import torch
 
 from alignlab.algorithms import SFT
-from alignlab.model.transformer import Transformer
+from alignlab.model.hf import load_hf
 
 from conftest import datamodule, fit, learning_seeds, tiny_arch, val_accuracy
 
@@ -66,6 +66,6 @@ def test_sft_learns_the_default_task(seed, record):
 def test_export_round_trip_is_exact(sft_export, tmp_path):
     module = SFT(init_from=sft_export)
     module.export(tmp_path / "again")
-    a, b = Transformer.from_hf(sft_export), Transformer.from_hf(tmp_path / "again")
+    a, b = load_hf(sft_export), load_hf(tmp_path / "again")
     for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import alignlab.model.speed as speed_module
 import alignlab.model.transformer as transformer_module
+from alignlab.model.speed import Packing, PrefixCache
 from alignlab.model.transformer import (
     KVCache,
-    Packing,
-    PrefixCache,
     RMSNorm,
     Transformer,
     TransformerConfig,
@@ -144,7 +144,7 @@ def test_eager_and_fused_attention_agree(monkeypatch):
         cache = KVCache(m.config, 2, 11, torch.float32, None)
         m(ids, mask, cache=cache)
         eager.append(m(ids[:, :1], torch.cat([mask, mask[:, :1]], 1), cache=cache))
-        monkeypatch.setattr(transformer_module, "EAGER_ATTENTION_MAX_KEYS", 0)
+        monkeypatch.setattr(speed_module, "EAGER_ATTENTION_MAX_KEYS", 0)
         fused = [m(ids), m(ids, mask)]
         cache = KVCache(m.config, 2, 11, torch.float32, None)
         m(ids, mask, cache=cache)

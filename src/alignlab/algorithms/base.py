@@ -29,8 +29,10 @@ from alignlab.checkpoint import weights_digest
 from alignlab.data.tokenizer import load_tokenizer
 from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selective_log_softmax
 from alignlab.model.generate import GenerationOutput, generate
+from alignlab.model.hf import load_hf, save_hf
 from alignlab.model.lora import AdaptersOff, LoRAConfig, apply_lora, save_peft_adapter
-from alignlab.model.transformer import PrefixCache, Transformer, TransformerConfig
+from alignlab.model.speed import PrefixCache
+from alignlab.model.transformer import Transformer, TransformerConfig
 
 
 def resolve_callable(path: str, arg: str) -> Callable:
@@ -156,7 +158,7 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
     def new_transformer(self, init_from: str | None, arch: TransformerConfig | None) -> Transformer:
         """A Transformer loaded from ``init_from`` (or fresh, of ``arch``) with the memory options applied."""
         if init_from is not None:
-            model = Transformer.from_hf(init_from)
+            model = load_hf(init_from)
         else:
             arch = copy.deepcopy(arch) if arch is not None else TransformerConfig()
             check(arch.vocab_size >= len(self.tokenizer), "arch.vocab_size",
@@ -342,7 +344,7 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
         """HF-format policy + tokenizer: what the next stage (or transformers) loads. With LoRA the policy is
         written merged, and its adapters alone in PEFT's format under ``<path>/adapter`` (a subdirectory:
         an adapter_config.json beside config.json would make transformers load the directory as an adapter)."""
-        self.policy.to_hf(path, tokenizer=self.tokenizer)
+        save_hf(self.policy, path, tokenizer=self.tokenizer)
         if self.lora is not None:
             base = self.hparams.init_from
             save_peft_adapter(self.policy, self.lora, Path(path) / "adapter",

@@ -8,6 +8,9 @@ a batch of ragged lengths does not keep paying for finished rows.
 Returned log-probs are those of the sampled tokens under ``softmax(logits / temperature)`` -- the same
 distribution the trainers score, so with one update per rollout ``logp - logp_old`` is exactly 0.
 (top-k / top-p only decide which tokens may be drawn; like TRL we do not renormalise the log-probs.)
+
+Both decoders (``generate`` here and ``Seq2SeqTransformer.generate``) choose tokens with one ``Sampler``
+and keep them in one ``Completions`` (EOS bookkeeping, completion mask, truncation).
 """
 
 from __future__ import annotations
@@ -57,6 +60,67 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """How the next token is chosen from logits (B, V): the argmax with ``greedy``, else one draw (``sample``)
+    from softmax(logits / temperature) restricted to the top-k / top-p tokens (``filter_logits``)."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    greedy: bool = False
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0 and not self.greedy:
+            raise ValueError(f"temperature must be > 0 for sampling (got {self.temperature}); "
+                             "use greedy=True")
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen token of each row (B,) and its log-prob (B,) under softmax(logits / temperature), in
+        fp32 (greedy: under softmax(logits))."""
+        logits = logits.float()
+        if self.greedy:
+            next_tok = logits.argmax(-1)
+            scaled = logits
+        else:
+            scaled = logits / self.temperature
+            probs = filter_logits(scaled, self.top_k, self.top_p).softmax(-1)
+            next_tok = sample(probs, self.generator)
+        logp = scaled.log_softmax(-1).gather(-1, next_tok[:, None]).squeeze(-1)
+        return next_tok, logp
+
+
+class Completions:
+    """The tokens chosen so far for B rows, one step at a time; a row is done once it chose EOS, and every
+    later step of it holds padding (log-prob 0). ``output`` adds the completion mask and truncation."""
+
+    def __init__(self, batch_size: int, max_new_tokens: int, eos_token_id: int, pad_token_id: int, device):
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.tokens = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(batch_size, max_new_tokens, device=device)
+        self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.n_steps = 0
+
+    def add(self, t: int, next_tok: torch.Tensor, logp: torch.Tensor, rows=slice(None)) -> bool:
+        """Step t's tokens and log-probs (B',) of the batch rows ``rows`` (all by default); True when every
+        row is done."""
+        was_done = self.done[rows]
+        self.tokens[rows, t] = torch.where(was_done, self.pad_token_id, next_tok)
+        self.logprobs[rows, t] = torch.where(was_done, 0.0, logp)
+        self.n_steps = t + 1
+        self.done[rows] = was_done | (next_tok == self.eos_token_id)
+        return bool(self.done.all())
+
+    def output(self) -> GenerationOutput:
+        """The steps taken so far; mask 1 up to and including the first EOS, truncated where there is none."""
+        tokens, logprobs = self.tokens[:, : self.n_steps], self.logprobs[:, : self.n_steps]
+        is_eos = tokens == self.eos_token_id
+        completion_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+        truncated = ~is_eos.any(-1)
+        return GenerationOutput(tokens, completion_mask.long(), logprobs * completion_mask, truncated)
+
+
 def in_inference_mode(fn):
     """Run ``fn`` in inference mode (no autograd bookkeeping at all: faster than no_grad for a small model)
     and copy its GenerationOutput out of it, so a trainer can use the tensors in a graph (inference tensors
@@ -88,8 +152,7 @@ def generate(
 ) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` for each left-padded prompt (B, P), ``num_samples`` times each
     (rows b * num_samples ... (b + 1) * num_samples - 1 of the output). See ``GenerationOutput``."""
-    if temperature <= 0 and not greedy:
-        raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True")
+    choose = Sampler(temperature, top_k, top_p, greedy, generator)
     P, device = prompt_ids.shape[1], prompt_ids.device
     cache = KVCache(model.config, prompt_ids.shape[0], P + max_new_tokens, next(model.parameters()).dtype, device)
     logits = model(prompt_ids, prompt_mask, cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
@@ -99,37 +162,15 @@ def generate(
     B = prompt_mask.shape[0]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, P + N)
 
-    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(B, max_new_tokens, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = Completions(B, max_new_tokens, eos_token_id, pad_token_id, device)
     rows = torch.arange(B, device=device)  # the batch row of each row still in the cache
-    n_steps = 0
     for t in range(max_new_tokens):
-        logits = logits.float()
-        if greedy:
-            next_tok = logits.argmax(-1)
-            scaled = logits
-        else:
-            scaled = logits / temperature
-            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-            next_tok = sample(probs, generator)
-        logp = scaled.log_softmax(-1).gather(-1, next_tok[:, None]).squeeze(-1)
-        was_done = done[rows]
-        tokens[rows, t] = torch.where(was_done, pad_token_id, next_tok)
-        logprobs[rows, t] = torch.where(was_done, 0.0, logp)
-        n_steps = t + 1
-        done[rows] = was_done | (next_tok == eos_token_id)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        next_tok, logp = choose(logits)
+        if out.add(t, next_tok, logp, rows) or t == max_new_tokens - 1:
             break
-        live = ~done[rows]
+        live = ~out.done[rows]
         if int(live.sum()) <= 3 * len(rows) // 4:  # a quarter of the rows are done: drop them from the batch
             rows, next_tok, mask = rows[live], next_tok[live], mask[live]
             cache.keep_rows(live)
         logits = model(next_tok[:, None], mask[:, : P + t + 1], cache=cache)[:, -1]
-
-    tokens, logprobs = tokens[:, :n_steps], logprobs[:, :n_steps]
-    is_eos = tokens == eos_token_id
-    # mask = 1 up to and including the first EOS
-    completion_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-    truncated = ~is_eos.any(-1)
-    return GenerationOutput(tokens, completion_mask.long(), logprobs * completion_mask, truncated)
+    return out.output()

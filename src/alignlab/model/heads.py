@@ -8,7 +8,7 @@ Used twice in the RLHF flow (SFT -> reward model -> PPO):
   from the reward model (``ScalarModel.load``) or from the SFT policy (``ScalarModel.from_policy``).
 
 On disk a ScalarModel is an ordinary HF export of its trunk (config.json + model.safetensors + tokenizer,
-loadable by ``Transformer.from_hf`` and by transformers) plus two small files:
+loadable by ``hf.load_hf`` and by transformers) plus two small files:
 
     value_head.safetensors   {"weight": (1, C), "bias": (1,)}
     alignlab_scalar.json     {"type": "alignlab.ScalarModel", "dim": C, "head": "value_head.safetensors"}
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignlab.model.hf import save_hf
+from alignlab.model.hf import load_hf, save_hf
 from alignlab.model.transformer import Transformer
 
 HEAD_WEIGHTS = "value_head.safetensors"
@@ -100,7 +100,7 @@ class ScalarModel(nn.Module):
                                     f"(use ScalarModel.from_policy to put a fresh head on a policy export)")
         with open(path / MARKER) as f:
             meta = json.load(f)
-        trunk = Transformer.from_hf(path, dtype=dtype)
+        trunk = load_hf(path, dtype=dtype)
         if meta.get("dim") != trunk.config.dim:
             raise ValueError(f"{path / MARKER}: dim {meta.get('dim')} != trunk width {trunk.config.dim}")
         state = load_file(str(path / meta.get("head", HEAD_WEIGHTS)))
@@ -111,5 +111,5 @@ class ScalarModel(nn.Module):
     @classmethod
     def from_policy(cls, path, dtype: torch.dtype | None = None) -> ScalarModel:
         """Trunk from a policy's HF export (e.g. the SFT stage), with a fresh head."""
-        trunk = Transformer.from_hf(path, dtype=dtype)
+        trunk = load_hf(path, dtype=dtype)
         return cls(trunk, ScalarHead(trunk.config.dim).to(trunk.embed_tokens.weight.dtype))

@@ -1,5 +1,8 @@
 """Hugging Face checkpoints <-> our Transformer: Llama, Mistral, Qwen2 and Qwen3.
 
+The two entry points: ``load_hf(path, dtype=None)`` builds a ``Transformer`` from a checkpoint directory and
+``save_hf(model, path, tokenizer=None, overwrite=False)`` writes one (``transformer.py`` itself does no I/O).
+
 A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``), optionally a tokenizer. Because our module names mirror the HF ones,
 the weights are a rename (``model.layers.0.self_attn.q_proj.weight`` -> ``layers.0.self_attn.q_proj.weight``);

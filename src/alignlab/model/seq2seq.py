@@ -10,7 +10,8 @@ What differs from the decoder-only ``transformer.py`` (and why it is not shared)
 positions added to the embeddings instead of RoPE, LayerNorm instead of RMSNorm, ReLU FFN instead of
 SwiGLU, biases everywhere, post-norm ``LayerNorm(x + Dropout(Sublayer(x)))`` by default (pre-norm with
 ``norm_first=True``). The SDPA call pattern, the left-padding position rule (``position_ids_from_mask``)
-and the sampling filter / output type of ``generate.py`` are reused.
+and the sampler, the EOS/mask bookkeeping and the output type of ``generate.py`` (``Sampler``,
+``Completions``, ``GenerationOutput``) are reused.
 
 Shapes: B batch, S source length, T target length (queries), K key length, H heads, D head dim,
 C model dim (d_model), F feed-forward dim (d_ff), V vocab.
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab.model.generate import GenerationOutput, filter_logits
+from alignlab.model.generate import Completions, GenerationOutput, Sampler
 from alignlab.model.transformer import position_ids_from_mask
 
 
@@ -367,41 +368,21 @@ class Seq2SeqTransformer(nn.Module):
         and including EOS, log-probs of the chosen tokens under softmax(logits / temperature)).
         Call in eval mode (dropout off).
         """
-        if temperature <= 0 and not greedy:
-            raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True")
+        choose = Sampler(temperature, top_k, top_p, greedy, generator)
         if max_new_tokens > self.config.max_len:
             raise ValueError(f"max_new_tokens={max_new_tokens} > max_len={self.config.max_len}")
         B, device = src_ids.shape[0], src_ids.device
         memory = self.encode(src_ids, src_mask)  # (B, S, C), once
         cache = DecoderCache(self.config, B, max_new_tokens, memory.dtype, device)
-        tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros(B, max_new_tokens, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = Completions(B, max_new_tokens, eos_token_id, pad_token_id, device)
         step_ids = torch.full((B, 1), bos_token_id, dtype=torch.long, device=device)  # (B, 1)
-        n_steps = 0
         for t in range(max_new_tokens):
-            logits = self.decode(step_ids, memory, src_mask, cache=cache)[:, -1].float()  # (B, V)
-            if greedy:
-                scaled = logits
-                next_tok = logits.argmax(-1)
-            else:
-                scaled = logits / temperature
-                probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-                next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            logp = scaled.log_softmax(-1).gather(-1, next_tok[:, None]).squeeze(-1)
-            tokens[:, t] = torch.where(done, pad_token_id, next_tok)
-            logprobs[:, t] = torch.where(done, 0.0, logp)
-            n_steps = t + 1
-            done = done | (next_tok == eos_token_id)
-            if bool(done.all()):
+            logits = self.decode(step_ids, memory, src_mask, cache=cache)[:, -1]  # (B, V)
+            next_tok, logp = choose(logits)
+            if out.add(t, next_tok, logp):
                 break
             step_ids = next_tok[:, None]
-
-        tokens, logprobs = tokens[:, :n_steps], logprobs[:, :n_steps]
-        is_eos = tokens == eos_token_id
-        completion_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # 1 up to and including first EOS
-        truncated = ~is_eos.any(-1)
-        return GenerationOutput(tokens, completion_mask.long(), logprobs * completion_mask, truncated)
+        return out.output()
 
     # ------------------------------------------------------------------------------- save / load
     def save(self, path, tokenizer=None) -> None:

@@ -12,8 +12,14 @@ C model dim, V vocab.
 
 Padding: batches may be left-padded (generation) or right-padded (training). ``attention_mask`` (B, S)
 marks real tokens with 1. Positions are counted over real tokens only and no real query ever attends to a
-pad key, so padding never changes the logits of real tokens. Nor does it cost compute outside attention:
-with padding in the batch, the projections and MLPs run on the real tokens only (``Packing``).
+pad key, so padding never changes the logits of real tokens.
+
+Speed machinery lives in ``speed.py``, so that this file reads as the math: packing of real tokens (with
+padding in the batch, everything but attention runs on the real tokens only: ``speed.Packing``, the
+identity ``speed.NO_PACKING`` by default), a shared prompt's keys/values computed once for its completions
+(``speed.PrefixCache``) and the attention kernel (``speed.attention``: the eager formula on short CPU
+sequences, fused SDPA otherwise). None of it changes a value. This file imports torch and ``speed.py``
+only; Hugging Face checkpoints are read and written by ``hf.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from alignlab.model import speed
 
 
 @dataclass
@@ -176,83 +184,6 @@ class KVCache:
         self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
 
 
-class PrefixCache:
-    """Keys and values of a shared prefix, kept in the autograd graph (training, not decoding).
-
-    The first forward with this cache stores each layer's keys/values (e.g. of U distinct prompts); after
-    ``select_rows(index)`` maps them to B rows, a second forward (the completions) attends to them as its
-    past. Gradients of the B rows flow back into the U prefix rows and add up there, so the result equals
-    a forward over every row's full sequence, with each prefix computed once.
-    """
-
-    def __init__(self):
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer == len(self.k):  # the prefix pass: store (not checkpointed: a recomputation would store twice)
-            self.k.append(k)
-            self.v.append(v)
-            return k, v
-        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Row b of the next forward attends to prefix row index[b]. (U, ...) -> (B, ...)"""
-        self.k = [k.index_select(0, index) for k in self.k]
-        self.v = [v.index_select(0, index) for v in self.v]
-
-
-class Packing:
-    """Padding-free compute: the real tokens of a padded (B, T) batch gathered into one (N, ...) tensor.
-
-    Every layer except attention treats tokens independently, so the projections, the MLP and the norms
-    run on the N real tokens only; attention needs the (B, T) layout and gets it with ``pad`` (zeros at
-    padding, which the attention mask hides) and leaves it with ``unpad``. Both are differentiable.
-    """
-
-    def __init__(self, real: torch.Tensor):
-        self.shape = real.shape  # (B, T)
-        self.index = real.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of the real tokens
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, ...) -> (N, ...)"""
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ...) -> (B, T, ...), zeros at padding."""
-        B, T = self.shape
-        return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
-
-
-# Below this many keys, attention on the CPU is computed "eagerly" (two matmuls and a softmax). At the
-# shapes of a GRPO step (python benchmarks/bench_kernels.py) that is 1.7-1.9x faster than PyTorch's fused CPU
-# kernel in bf16 (forward, decoding) and 5x in bf16 forward + backward; in fp32 it is about even (forward
-# faster, backward slower in isolation, no difference measured over a whole policy update). Longer
-# sequences, and every GPU, use F.scaled_dot_product_attention, which never materialises the (T, S) scores.
-EAGER_ATTENTION_MAX_KEYS = 128
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v. q (B, H, T, D), k/v (B, K, S, D), mask (B|1, 1, T, S) bool or None
-    (None: causal when T > 1, every key when T == 1). K < H is grouped-query attention."""
-    T, S = q.shape[2], k.shape[2]
-    if q.device.type != "cpu" or S > EAGER_ATTENTION_MAX_KEYS:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                              enable_gqa=k.shape[1] != q.shape[1])
-    if k.shape[1] != q.shape[1]:  # each kv head serves H / K query heads
-        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, T, S)
-    if mask is None and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1) @ v
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer_idx: int):
         super().__init__()
@@ -268,24 +199,26 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | PrefixCache | None, packing: Packing | None = None):
-        """x (B, T, C), or (N, C) real tokens only with ``packing``; the output has x's shape."""
-        B, T = packing.shape if packing is not None else x.shape[:2]
-        lead = x.shape[:-1]  # (B, T) or (N,)
-        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
+    def forward(self, x, cos, sin, mask, cache: KVCache | speed.PrefixCache | None = None,
+                packing: speed.Packing | speed.NoPacking = speed.NO_PACKING):
+        """softmax(Q K^T / sqrt(D) + mask) V per head, heads concatenated, times W_o: (B, T, C) -> (B, T, C).
+
+        Q = RoPE(x W_q) in H heads, K = RoPE(x W_k) and V = x W_v in K kv heads (each serving H / K query
+        heads); with a cache, K and V also hold the past keys/values. With a ``speed.Packing``, x and the
+        output are the N real tokens only, (N, C), and ``packing.pad`` / ``unpad`` (identities by default)
+        take the heads to the (B, T) layout that attention needs and back.
+        """
+        q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, D)
+        k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, T, K, D)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, T, K, D)
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        if packing is not None:  # attention works on the padded layout
-            q, k, v = packing.pad(q), packing.pad(k), packing.pad(v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        q, k, v = (packing.pad(t).transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        y = attention(q, k, v, mask)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(y if packing is None else packing.unpad(y))
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D), S = past + T
+        y = speed.attention(q, k, v, mask)  # (B, H, T, D) = softmax(q k^T / sqrt(D) + mask) v, GQA
+        return self.o_proj(packing.unpad(y.transpose(1, 2).flatten(2)))  # heads concatenated: (B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -311,7 +244,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, packing=None):
+    def forward(self, x, cos, sin, mask, cache=None, packing=speed.NO_PACKING):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -355,9 +288,9 @@ class Transformer(nn.Module):
 
     ``activation_checkpointing = True``: under autograd each block keeps only its input and recomputes its
     activations in the backward (torch.utils.checkpoint, non-reentrant): same values and gradients, memory
-    of one block's activations instead of every block's. The prefix pass of a ``PrefixCache`` is exempt (it
-    stores keys/values as a side effect, which a recomputation would repeat); the completions that attend
-    to it are checkpointed.
+    of one block's activations instead of every block's. The prefix pass of a ``speed.PrefixCache`` is
+    exempt (it stores keys/values as a side effect, which a recomputation would repeat); the completions
+    that attend to it are checkpointed.
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -391,7 +324,7 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: KVCache | PrefixCache | None = None,
+        cache: KVCache | speed.PrefixCache | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
     ) -> torch.Tensor:
@@ -408,13 +341,10 @@ class Transformer(nn.Module):
             position_ids = position_ids_from_mask(attention_mask)[:, past : past + T]
         cos, sin = self.rotary(position_ids, past + T)  # positions count real tokens: < past + T
         mask = attention_mask_4d(attention_mask, T, past, self.config.sliding_window)
-        packing = None  # with padding among the new tokens, everything but attention runs on real tokens only
-        if attention_mask is not None and T > 1:
-            real = attention_mask[:, past : past + T].bool()
-            packing = None if bool(real.all()) else Packing(real)
-        x = self.embed_tokens(input_ids if packing is None else packing.unpad(input_ids))  # (B, T, C) | (N, C)
+        packing = speed.packing_for(attention_mask, past, T)  # padding among the new tokens: real ones only
+        x = self.embed_tokens(packing.unpad(input_ids))  # (B, T, C), or (N, C) when packed
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and (
-            cache is None or isinstance(cache, PrefixCache) and cache.length > 0)
+            cache is None or isinstance(cache, speed.PrefixCache) and cache.length > 0)
         for layer in self.layers:
             if recompute:
                 x = checkpoint(layer, x, cos, sin, mask, cache, packing, use_reentrant=False)
@@ -422,23 +352,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, packing)
         if cache is not None:
             cache.advance(T)
-        if packing is not None:
-            x = packing.pad(x)  # (B, T, C), zeros at padding
+        x = packing.pad(x)  # (B, T, C), zeros at padding
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
-
-    # Hugging Face interop lives in hf.py; these two are the public entry points.
-    @classmethod
-    def from_hf(cls, path, dtype: torch.dtype | None = None) -> Transformer:
-        """Build from a local HF checkpoint directory (Llama, Mistral, Qwen2, Qwen3)."""
-        from alignlab.model.hf import load_hf
-
-        return load_hf(path, dtype=dtype)
-
-    def to_hf(self, path, tokenizer=None, overwrite: bool = False) -> None:
-        """Write config.json + model.safetensors (+ tokenizer) loadable by transformers' AutoModel."""
-        from alignlab.model.hf import save_hf
-
-        save_hf(self, path, tokenizer=tokenizer, overwrite=overwrite)
