@@ -18,6 +18,7 @@ traceback.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -85,6 +86,22 @@ def split_stage(stage: str) -> tuple[str, str | None]:
 def stage_name(algo: str, recipe: str | None = None) -> str:
     """The inverse of ``split_stage``: ``ALGO`` or ``RECIPE/ALGO``."""
     return f"{recipe}/{algo}" if recipe else algo
+
+
+def config_stage(path: str | Path) -> str | None:
+    """The stage whose config ``path`` is, by its place under a ``configs/`` directory (the inverse of
+    ``algo_config`` / ``recipe_config``): ``configs/algo/ALGO.yaml`` -> ``ALGO``,
+    ``configs/recipes/RECIPE/ALGO.yaml`` -> ``RECIPE/ALGO``, any other file -> None. The CLI names the run
+    after it (logs/<stage>/version_N, alignlab.cli)."""
+    parts = Path(os.path.abspath(path)).parts  # normalised, symlinks kept: the path the user gave
+    if not parts[-1].endswith((".yaml", ".yml")):
+        return None
+    stem = Path(parts[-1]).stem
+    if len(parts) >= 3 and parts[-3:-1] == ("configs", "algo"):
+        return stem
+    if len(parts) >= 4 and parts[-4:-2] == ("configs", "recipes"):
+        return stage_name(stem, parts[-2])
+    return None
 
 
 def stage_values(algo: str, recipe: str | None = None) -> list[tuple[str, object]]:
