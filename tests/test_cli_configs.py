@@ -232,3 +232,26 @@ def test_an_explicit_or_later_run_name_wins_and_other_configs_keep_logs_run(tmp_
     printed = printed_config([*grpo])  # no base.yaml, so no logger class to name: Lightning's default logger
     assert printed["trainer"]["logger"] is None
 
+
+# ---------------------------------------------------------------------------------- train.py from anywhere
+def test_train_runs_from_any_directory_with_logs_in_it(tmp_path, monkeypatch):
+    """The project's configs come from the repository; logs/ (runs, exports, the stage chain) from the working
+    directory."""
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    calls = []
+
+    def run_in_process(cmd):
+        calls.append(cmd)
+        main(cmd[3:])  # [python, -m, alignlab, fit, ...]
+        return 0
+    monkeypatch.setattr(train.subprocess, "call", run_in_process)
+    train.main(["sft", "--trainer.max_steps=1", *TINY_SFT])
+    configs = [calls[0][i + 1] for i, a in enumerate(calls[0]) if a == "--config"]
+    assert configs == [str(CONFIGS / "base.yaml"), str(CONFIGS / "algo" / "sft.yaml")]
+    assert (tmp_path / "logs" / "sft" / "version_0" / "hf" / "config.json").is_file()
+    assert train.exported("sft") and train.missing_stages("grpo") == []  # GRPO's init_from: ./logs/sft/latest_hf
+    with pytest.raises(SystemExit, match=f"^error: RECIPE='nope' has no config {CONFIGS}/recipes/nope/grpo.yaml; "
+                                         f"no such recipe$"):
+        train.main(["grpo", "--recipe", "nope"])
+    with pytest.raises(SystemExit, match=f"^error: ALGO='nope' has no config {CONFIGS}/algo/nope.yaml; known: dapo"):
+        train.main(["nope"])
