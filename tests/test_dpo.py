@@ -106,9 +106,9 @@ def test_precomputed_reference_gives_the_live_loss():
     assert pre.ref is None  # no copy is ever made
     dm.setup("fit")
     pre.precompute_reference([dm.train_dataloader(), dm.val_dataloader()])
-    assert len(pre._ref_table) >= 300  # every chosen/rejected sequence of both splits (duplicates share keys)
+    assert len(pre.ref_table) >= 300  # every chosen/rejected sequence of both splits (duplicates share keys)
     perturb(live), perturb(pre)
-    pre._policy_is_reference = False  # as after the first optimizer step
+    pre.ref_table.freeze()  # as after the first optimizer step
     for split in ("train", "val"):
         batch = first_batch(dm, split)  # a shuffled batch, another padding length than at precompute time
         loss_live, m_live = live.dpo_step(batch)
@@ -124,14 +124,14 @@ def test_precomputed_reference_gives_the_live_loss():
     pre.on_save_checkpoint(ckpt)
     again = tiny(precompute_ref_logps=True)
     again.on_load_checkpoint(ckpt)
-    assert again._ref_table == pytest.approx(pre._ref_table) and not again._policy_is_reference
+    assert again.ref_table.logps == pytest.approx(pre.ref_table.logps) and again.ref_table.frozen
 
 
 def test_precompute_runs_in_fit_without_a_reference_model():
     m = tiny(precompute_ref_logps=True, lr=1e-3)
     trainer = fit(m, datamodule("preference", num_train=200, batch_size=32, num_val=20), max_steps=6)
     assert m.ref is None
-    assert len(m._ref_table) >= 200  # training rows that the dropped last batch skips are covered too
+    assert len(m.ref_table) >= 200  # training rows that the dropped last batch skips are covered too
     assert trainer.callback_metrics["rewards/margins"] > 0
 
 

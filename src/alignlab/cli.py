@@ -10,6 +10,12 @@ creates the run directory. ``check(args)`` runs all of that and stops there: no 
 (``model.nonfinite=stop``) is one line and exit code 1. ``ALIGNLAB_DEBUG=1`` restores the full messages and
 tracebacks.
 
+Run names: a run is logged in ``logs/<stage>/version_N``, its stage named by the config file's place
+(``alignlab.train.config_stage``): ``configs/algo/ALGO.yaml`` -> ``ALGO``, ``configs/recipes/RECIPE/ALGO.yaml``
+-> ``RECIPE/ALGO``; the last such file wins (a recipe after its algorithm's config). It is set right after that
+file, as ``--trainer.logger.init_args.name=<stage>`` would be, so a later config or an explicit
+``--trainer.logger.init_args.name`` wins; other runs keep ``base.yaml``'s ``logs/run``.
+
 Resume::
 
     ... --ckpt_path last        resume the newest logs/<name>/version_*/checkpoints/last.ckpt, logging on
@@ -26,11 +32,12 @@ import re
 import sys
 import traceback
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
 
 import lightning as L
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -38,6 +45,7 @@ import alignlab
 from alignlab.algorithms.base import NonFiniteError
 from alignlab.checkpoint import check_weights, find_last_checkpoint, read_checkpoint, resolve
 from alignlab.data.datamodule import AlignDataModule
+from alignlab.train import config_stage
 
 # Errors our own checks raise (check(), DataError, hf.py, the tokenizer, the checks below).
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
@@ -69,16 +77,65 @@ class AlignParser(LightningArgumentParser):
         self.exit(2)
 
 
+RUN_NAME = "--trainer.logger.init_args.name"
+NO_LOGGER = ("false", "true", "null", "none", "")  # --trainer.logger values that are no logger class
+UNSET = object()
+
+
+def logger_of(path: str):
+    """``trainer.logger`` as the config file ``path`` sets it; UNSET when it does not (or cannot be read: the
+    parser reports that)."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return UNSET
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    return trainer.get("logger", UNSET) if isinstance(trainer, dict) else UNSET
+
+
+def with_run_names(args: list[str]) -> list[str]:
+    """``args`` with ``--trainer.logger.init_args.name=<stage>`` right after each stage config that does not
+    configure the logger itself (see the module docstring), when an earlier config or argument has set a
+    logger class to name (base.yaml's TensorBoardLogger)."""
+    out, has_class = [], False
+    i = 0
+    while i < len(args):
+        arg, path, n = args[i], None, 1
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            path, n = args[i + 1], 2
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--trainer.logger" or arg.startswith("--trainer.logger="):
+            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            has_class = value.strip().lower() not in NO_LOGGER
+        out += args[i:i + n]
+        i += n
+        if path is None:
+            continue
+        logger = logger_of(path)
+        if logger is not UNSET:
+            has_class = isinstance(logger, dict) and ("class_path" in logger or has_class)
+        elif has_class and (stage := config_stage(path)):
+            out.append(f"{RUN_NAME}={stage}")
+    return out
+
+
 class AlignCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         # the tokenizer comes from the same directory as the weights
         parser.link_arguments("model.init_args.init_from", "data.tokenizer", apply_on="parse")
 
     def parse_arguments(self, parser, args) -> None:
-        """A ``--ckpt_path`` file must be a readable checkpoint of the configured algorithm before Lightning
-        reads it next (``_parse_ckpt_path``: a plain ``torch.load``, whose hyper-parameters, class included,
-        then replace the configured model's)."""
-        super().parse_arguments(parser, args)
+        """The run named after its stage config (``with_run_names``). A ``--ckpt_path`` file must be a readable
+        checkpoint of the configured algorithm before Lightning reads it next (``_parse_ckpt_path``: a plain
+        ``torch.load``, whose hyper-parameters, class included, then replace the configured model's)."""
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, (list, tuple)) and (named := with_run_names(list(argv))) != list(argv):
+            # the command line's arguments, named: passed as args, without Lightning's "args and sys.argv" warning
+            with mock.patch.object(sys, "argv", sys.argv[:1]) if args is None else nullcontext():
+                super().parse_arguments(parser, named)
+        else:
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         ckpt_path = config.get("ckpt_path")

@@ -14,10 +14,21 @@ When earlier stages have to run, the whole command is checked first (``check``):
 value, a bad ``--ckpt_path`` or a missing data file is reported at once, not after a prerequisite has
 trained. Errors are one line and an exit code (the child's, or this process's); this process adds no
 traceback.
+
+Working directory: the project's ``configs/`` are found next to the package (``src/alignlab`` ->
+``configs/`` of the repository; a copy of the package outside a checkout falls back to ``./configs``), so
+``python -m alignlab.train grpo`` works from any directory. Every relative path INSIDE a config --
+``logs/`` (runs and exports), ``init_from: logs/sft/latest_hf``, ``models/smollm2-135m-instruct``,
+``--config my.yaml`` on the command line -- is relative to the working directory, as in any Lightning
+(``default_root_dir``) or TRL (``output_dir``) run: the stage chain stays within one directory (SFT writes
+``./logs/sft/latest_hf``, GRPO reads it there), and a recipe's ``models/`` directory must be in the working
+directory (else its one-line "run make model" error). Config paths are shown relative to the working
+directory when they are inside it (``configs/algo/grpo.yaml`` from the repository), else absolute.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -26,11 +37,20 @@ from pathlib import Path
 
 import yaml
 
-CONFIGS = Path("configs")
+PROJECT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # src/alignlab/train.py -> configs/
+CONFIGS = PROJECT_CONFIGS if PROJECT_CONFIGS.is_dir() else Path("configs")
+
+
+def shown(path: Path) -> Path:
+    """``path`` relative to the working directory if it is inside it, else as it is (absolute)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def algo_config(algo: str) -> Path:
-    path = CONFIGS / "algo" / f"{algo}.yaml"
+    path = shown(CONFIGS / "algo" / f"{algo}.yaml")
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIGS / "algo").glob("*.yaml"))
         raise SystemExit(f"error: ALGO={algo!r} has no config {path}; known: {', '.join(known)}")
@@ -38,7 +58,7 @@ def algo_config(algo: str) -> Path:
 
 
 def recipe_config(recipe: str, algo: str) -> Path:
-    path = CONFIGS / "recipes" / recipe / f"{algo}.yaml"
+    path = shown(CONFIGS / "recipes" / recipe / f"{algo}.yaml")
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIGS / "recipes" / recipe).glob("*.yaml"))
         raise SystemExit(f"error: RECIPE={recipe!r} has no config {path}; "
@@ -87,6 +107,22 @@ def stage_name(algo: str, recipe: str | None = None) -> str:
     return f"{recipe}/{algo}" if recipe else algo
 
 
+def config_stage(path: str | Path) -> str | None:
+    """The stage whose config ``path`` is, by its place under a ``configs/`` directory (the inverse of
+    ``algo_config`` / ``recipe_config``): ``configs/algo/ALGO.yaml`` -> ``ALGO``,
+    ``configs/recipes/RECIPE/ALGO.yaml`` -> ``RECIPE/ALGO``, any other file -> None. The CLI names the run
+    after it (logs/<stage>/version_N, alignlab.cli)."""
+    parts = Path(os.path.abspath(path)).parts  # normalised, symlinks kept: the path the user gave
+    if not parts[-1].endswith((".yaml", ".yml")):
+        return None
+    stem = Path(parts[-1]).stem
+    if len(parts) >= 3 and parts[-3:-1] == ("configs", "algo"):
+        return stem
+    if len(parts) >= 4 and parts[-4:-2] == ("configs", "recipes"):
+        return stage_name(stem, parts[-2])
+    return None
+
+
 def stage_values(algo: str, recipe: str | None = None) -> list[tuple[str, object]]:
     """(dotted key, leaf value) of the algorithm's config, with the recipe's config layered on it."""
     values = dict(config_values(yaml.safe_load(algo_config(algo).read_text())))
@@ -132,7 +168,7 @@ def missing_stages(algo: str, extra: list[str] = (), seen: tuple[str, ...] = (),
 
 
 def config_args(algo: str, extra: list[str], recipe: str | None = None) -> list[str]:
-    layers = [CONFIGS / "base.yaml", algo_config(algo), *([recipe_config(recipe, algo)] if recipe else [])]
+    layers = [shown(CONFIGS / "base.yaml"), algo_config(algo), *([recipe_config(recipe, algo)] if recipe else [])]
     return [*(a for c in layers for a in ("--config", str(c))), *extra]
 
 
