@@ -100,7 +100,7 @@ def smoke(algo: str, devices: int, ckpt_dir: Path | None = None, resume: str | N
         "sft": (lambda: SFT(arch=arch), "sft"),
         "rm": (lambda: RewardModel(arch=arch), "preference"),
         "dpo": (lambda: DPO(arch=arch), "preference"),
-        "ppo": (lambda: PPO(arch=arch, num_generations=2, max_new_tokens=6, ppo_epochs=1), "prompt"),
+        "ppo": (lambda: PPO(arch=arch, num_generations=2, max_new_tokens=6, num_iterations=1), "prompt"),
         "grpo": (lambda: GRPO(arch=arch, num_generations=4, max_new_tokens=6), "prompt"),
         "dapo": (lambda: DAPO(arch=arch, num_generations=4, max_new_tokens=6,
                               reward_funcs=["resume_helpers.length_parity_reward"]), "prompt"),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from alignlab.algorithms import DAPO
+from alignlab.algorithms import DAPO, GRPO, PPO
 from alignlab.rewards.rules import overlong_penalty
 from conftest import datamodule, fit, learning_seeds, rl_learning_run, tiny_arch
 
@@ -132,9 +132,12 @@ def test_masking_truncated_completions_zeroes_their_loss_weight():
     assert abs(loss3.item()) > 10
 
 
-def test_epsilon_is_spelled_epsilon_low():
-    with pytest.raises(ValueError, match="model.epsilon"):
-        DAPO(arch=tiny_arch(), epsilon=0.3)
+def test_the_clip_range_has_one_name_across_algorithms():
+    """epsilon / epsilon_high in GRPO, DAPO and PPO; DAPO's lower bound is no longer epsilon_low."""
+    assert (DAPO(arch=tiny_arch(), epsilon=0.3).epsilon, GRPO(arch=tiny_arch(), epsilon=0.3).epsilon) == (0.3, 0.3)
+    assert PPO(arch=tiny_arch(), epsilon=0.3, epsilon_high=0.4).hparams.epsilon_high == 0.4
+    with pytest.raises(TypeError, match="epsilon_low"):
+        DAPO(arch=tiny_arch(), epsilon_low=0.3)
     with pytest.raises(ValueError, match="model.overlong_buffer_len"):
         DAPO(arch=tiny_arch(), max_new_tokens=4, overlong_buffer_len=5)
 

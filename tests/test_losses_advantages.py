@@ -119,10 +119,10 @@ def test_per_token_rewards_score_on_last_valid_token():
     scores = torch.tensor([1.0, 2.0, 5.0])
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5], [1.0, 1.0, 1.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
-    r = per_token_rewards(scores, kl, mask, kl_coef=0.1)
+    r = per_token_rewards(scores, kl, mask, beta=0.1)
     expected = torch.tensor([[-0.01, -0.02, -0.03 + 1.0], [-0.05, -0.05 + 2.0, 0.0], [0.0, 0.0, 0.0]])
     torch.testing.assert_close(r, expected)
     # a single valid token gets both its KL penalty and the score
     kl, mask = torch.tensor([[1.0, 9.0]]), torch.tensor([[1, 0]])
-    r = per_token_rewards(torch.tensor([3.0]), kl, mask, kl_coef=0.5)
+    r = per_token_rewards(torch.tensor([3.0]), kl, mask, beta=0.5)
     torch.testing.assert_close(r, torch.tensor([[2.5, 0.0]]))

@@ -194,7 +194,7 @@ RUNS = {  # name -> (class, module kwargs, data kind)
     "grpo_lora": (GRPO, dict(num_generations=4, max_new_tokens=6, beta=0.04, lr=1e-2, reward_funcs=PARITY,
                              lora=LoRAConfig(r=4)), "prompt"),
     "dpo_lora": (DPO, dict(lr=1e-2, lora=LoRAConfig(r=4, dropout=0.1)), "preference"),
-    "ppo_lora": (PPO, dict(num_generations=2, max_new_tokens=6, lr=1e-2, reward_model=None, ppo_epochs=2,
+    "ppo_lora": (PPO, dict(num_generations=2, max_new_tokens=6, lr=1e-2, reward_model=None, num_iterations=2,
                            reward_funcs=PARITY, lora=LoRAConfig(r=4)), "prompt"),
 }
 
@@ -233,7 +233,7 @@ def test_checkpoints_hold_no_frozen_weights_and_resume_exactly(name, start_dir, 
 
     run(name, start_dir, tmp_path / "resumed", 4, ckpt_path=ckpt_file)
     a, b = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(tmp_path / "resumed" / "metrics.jsonl")
-    assert sorted(b) == [s for s in sorted(a) if s > 2] and b  # PPO: 2 optimizer steps (ppo_epochs) per batch
+    assert sorted(b) == [s for s in sorted(a) if s > 2] and b  # PPO: 2 optimizer steps (num_iterations) per batch
     for step in b:
         assert b[step].keys() == a[step].keys()
         for k, v in a[step].items():

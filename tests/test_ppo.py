@@ -64,7 +64,7 @@ def ragged_rollout(module: PPO, rewards: list[float]) -> Rollout:
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_kl_in_reward_placement_and_gae_against_the_hand_recursion(estimator):
     torch.manual_seed(0)
-    module = PPO(arch=tiny_arch(), kl_coef=0.3, kl_estimator=estimator, gamma=0.9, lam=0.8,
+    module = PPO(arch=tiny_arch(), beta=0.3, kl_estimator=estimator, gamma=0.9, lam=0.8,
                  whiten_advantages=False)
     with torch.no_grad():  # move the policy off the reference so that KL_t != 0
         for p in module.policy.parameters():
@@ -79,7 +79,7 @@ def test_kl_in_reward_placement_and_gae_against_the_hand_recursion(estimator):
     assert kl[m].abs().min() > 1e-4
     last = [2, 0, 1]
     for i, n in enumerate([3, 1, 2]):
-        # per-token reward: -kl_coef * KL_t everywhere, + the score on the last valid token only
+        # per-token reward: -beta * KL_t everywhere, + the score on the last valid token only
         rew = [-0.3 * kl[i, t].item() + (scores[i] if t == last[i] else 0.0) for t in range(n)]
         vals = r.values[i, :n].tolist()
         adv = hand_gae(rew, vals, gamma=0.9, lam=0.8)
@@ -92,9 +92,9 @@ def test_kl_in_reward_placement_and_gae_against_the_hand_recursion(estimator):
     torch.testing.assert_close(r.values[0, :3], full[0, 1:4].detach(), atol=1e-6, rtol=0)
 
 
-def test_score_lands_on_the_last_token_and_the_rest_get_minus_kl_coef_kl():
+def test_score_lands_on_the_last_token_and_the_rest_get_minus_beta_kl():
     """gamma = lam = 1 with a zero critic: A_t = sum of the rewards from t on, so the per-token reward is A_t - A_{t+1}."""
-    module = PPO(arch=tiny_arch(), kl_coef=0.5, gamma=1.0, lam=1.0, whiten_advantages=False)
+    module = PPO(arch=tiny_arch(), beta=0.5, gamma=1.0, lam=1.0, whiten_advantages=False)
     with torch.no_grad():
         module.critic.head.linear.weight.zero_()
         module.critic.head.linear.bias.zero_()
@@ -114,7 +114,7 @@ def test_score_lands_on_the_last_token_and_the_rest_get_minus_kl_coef_kl():
 
 
 def test_advantages_are_whitened_over_the_masked_batch():
-    module = PPO(arch=tiny_arch(), kl_coef=0.1)
+    module = PPO(arch=tiny_arch(), beta=0.1)
     r = ragged_rollout(module, [1.0, -1.0, 3.0])
     module.prepare(r)  # the fixed log-probs and the rollout-time values
     module.compute_advantages(r)
@@ -168,25 +168,25 @@ def test_value_loss_is_clipped_around_the_rollout_values():
     loss, m = module.compute_loss(r, torch.tensor(1.0), torch.tensor(1.0))
     # max((0.5 - 1)^2, (0.2 - 1)^2) / 2 = 0.32: the clipped term wins
     assert loss.item() == pytest.approx(0.32, abs=1e-6)
-    assert m["val/clipfrac_avg"].item() == 1.0
+    assert m["value/clipfrac_avg"].item() == 1.0
     assert "loss/policy_avg" not in m  # critic warm-up: the policy is not even run
 
 
 # ------------------------------------------------------------------------- KL controller
 def test_adaptive_kl_controller_follows_the_formula_and_is_checkpointed(tmp_path):
-    # KL 3x the target: the error is clipped to +0.2 -> kl_coef * (1 + 0.2 * 64 / 1000)
+    # KL 3x the target: the error is clipped to +0.2 -> beta * (1 + 0.2 * 64 / 1000)
     assert adaptive_kl_coef(0.1, 3.0, 1.0, 64, 1000) == pytest.approx(0.1 * 1.0128)
     assert adaptive_kl_coef(0.1, 0.9, 1.0, 64, 1000) == pytest.approx(0.1 * (1 - 0.1 * 0.064))
     assert adaptive_kl_coef(0.1, 0.0, 1.0, 100, 100) == pytest.approx(0.1 * 0.8)
 
     # k3: the rollout KL estimate is > 0 as soon as the policy moved (k1's sample mean may be negative)
-    module = PPO(arch=tiny_arch(), num_generations=4, kl_coef=0.2, target_kl=1e-6, kl_horizon=100, lr=1e-3,
-                 ppo_epochs=1, kl_estimator="k3")
+    module = PPO(arch=tiny_arch(), num_generations=4, beta=0.2, target_kl=1e-6, kl_horizon=100, lr=1e-3,
+                 num_iterations=1, kl_estimator="k3")
     coefs = []
 
     class Track(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            coefs.append((float(trainer.callback_metrics["objective/kl"]), pl_module.kl_coef))
+            coefs.append((float(trainer.callback_metrics["objective/kl"]), pl_module.beta))
 
     fit(module, datamodule("prompt", batch_size=4), max_steps=3, root=tmp_path, callbacks=[Track()])
     expected = 0.2
@@ -195,12 +195,12 @@ def test_adaptive_kl_controller_follows_the_formula_and_is_checkpointed(tmp_path
         assert coef == pytest.approx(expected, rel=1e-6)
     # rollout 1: policy == reference, KL = 0 < target: -20% x 16/100; later KL >> target: +20% x 16/100
     assert coefs[0][0] == 0.0 and coefs[1][0] > 1e-4
-    assert module.kl_coef == pytest.approx(0.2 * 0.968 * 1.032**2, rel=1e-6)
+    assert module.beta == pytest.approx(0.2 * 0.968 * 1.032**2, rel=1e-6)
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)  # our own file, written just now
-    assert ckpt["ppo_kl_coef"] == pytest.approx(module.kl_coef)
-    again = PPO(arch=tiny_arch(), kl_coef=0.2, target_kl=1e-6)
+    assert ckpt["ppo_beta"] == pytest.approx(module.beta)
+    again = PPO(arch=tiny_arch(), beta=0.2, target_kl=1e-6)
     again.on_load_checkpoint(ckpt)
-    assert again.kl_coef == pytest.approx(module.kl_coef)
+    assert again.beta == pytest.approx(module.beta)
 
 
 # --------------------------------------------------------------------------------- critic
@@ -229,7 +229,7 @@ def test_critic_has_its_own_parameters_and_learning_rate(tiny_rm):
 
 
 def test_critic_warmup_trains_only_the_critic():
-    module = PPO(arch=tiny_arch(), num_generations=4, critic_warmup_steps=2, ppo_epochs=2, lr=1e-3, critic_lr=1e-3)
+    module = PPO(arch=tiny_arch(), num_generations=4, critic_warmup_steps=2, num_iterations=2, lr=1e-3, critic_lr=1e-3)
     policy0, critic0 = snapshot(module.policy), snapshot(module.critic)
     fit(module, datamodule("prompt", batch_size=4), max_steps=4)  # 2 rollouts x 2 epochs
     assert all(torch.equal(a, b) for a, b in zip(policy0, module.policy.parameters()))
@@ -238,8 +238,8 @@ def test_critic_warmup_trains_only_the_critic():
     assert all(torch.equal(a, b) for a, b in zip(policy0, module.policy.parameters()))
 
 
-@pytest.mark.parametrize("kw, name", [({"ppo_epochs": 0}, "ppo_epochs"), ({"kl_estimator": "k2"}, "kl_estimator"),
-                                      ({"num_iterations": 2}, "num_iterations"), ({"dual_clip": 1.0}, "dual_clip"),
+@pytest.mark.parametrize("kw, name", [({"num_iterations": 0}, "num_iterations"), ({"kl_estimator": "k2"}, "kl_estimator"),
+                                      ({"epsilon": -0.1}, "epsilon"), ({"dual_clip": 1.0}, "dual_clip"),
                                       ({"reward_model": "/nonexistent"}, "reward_model"), ({"lam": 1.5}, "lam"),
                                       ({"critic_lr": 0.0}, "critic_lr"),
                                       ({"rule_reward_weight": 0.0}, "rule_reward_weight")])
@@ -251,13 +251,13 @@ def test_bad_config_names_the_argument(kw, name):
 # -------------------------------------------------------------------------------- smoke
 EXPECTED = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
             "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg",
-            "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio", "train/loss", "train/reward",
-            "train/kl_coef", "rewards/accuracy_reward/mean", "rewards/reward_model/mean",
+            "loss/policy_avg", "loss/value_avg", "value/clipfrac_avg", "policy/ratio_avg", "train/loss", "train/reward",
+            "train/beta", "rewards/accuracy_reward/mean", "rewards/reward_model/mean",
             "completions/mean_length", "val/accuracy"]
 
 
 def test_smoke_20_steps(tmp_path, tiny_rm):
-    module = PPO(arch=tiny_arch(), reward_model=tiny_rm, num_generations=2, ppo_epochs=2, minibatches=2, lr=1e-3,
+    module = PPO(arch=tiny_arch(), reward_model=tiny_rm, num_generations=2, num_iterations=2, minibatches=2, lr=1e-3,
                  critic_lr=1e-3, entropy_coef=0.01, dual_clip=3.0, log_completions_every_n_steps=4)
     assert module.hparams.num_iterations == 2 and module.optimizer_steps_per_batch() == 4
     ref0, policy0, rm0 = snapshot(module.ref), snapshot(module.policy), snapshot(module.reward_model)
@@ -268,7 +268,7 @@ def test_smoke_20_steps(tmp_path, tiny_rm):
         assert key in m and math.isfinite(m[key]), key
     assert m["objective/kl"] != 0  # the policy moved away from the reference...
     assert m["objective/rlhf_reward"] == pytest.approx(m["objective/scores"] + m["objective/non_score_reward"], abs=1e-5)
-    assert m["val/ratio"] != 1.0  # later minibatches reuse the rollout
+    assert m["policy/ratio_avg"] != 1.0  # later minibatches reuse the rollout
     assert all(torch.equal(a, b) for a, b in zip(ref0, module.ref.parameters()))  # ...which never changed
     assert all(torch.equal(a, b) for a, b in zip(rm0, module.reward_model.parameters()))
     assert max((a - b).abs().max().item() for a, b in zip(policy0, module.policy.parameters())) > 1e-4
@@ -277,7 +277,7 @@ def test_smoke_20_steps(tmp_path, tiny_rm):
 
 
 # ------------------------------------------------------------------------------ learning
-PPO_KW = dict(num_generations=8, max_new_tokens=24, val_max_new_tokens=24, ppo_epochs=1, critic_lr=3e-4)
+PPO_KW = dict(num_generations=8, max_new_tokens=24, val_max_new_tokens=24, num_iterations=1, critic_lr=3e-4)
 MARGIN_PPO_RM, MARGIN_PPO, MARGIN_PPO_GREEDY = 0.02, 0.04, 0.02
 
 
@@ -287,7 +287,7 @@ def onpolicy_rm(scratchpad_sft_export, onpolicy_pairs, tmp_path_factory):
     verifier (conftest.onpolicy_pairs).
 
     The default RM data (correct answer vs a one-digit or one-column slip) gives a 0.68-accurate RM, and PPO
-    against that RM drives accuracy DOWN (measured: 0.42 -> 0.06 at lr 1e-4, kl_coef 0.05, while
+    against that RM drives accuracy DOWN (measured: 0.42 -> 0.06 at lr 1e-4, beta 0.05, while
     objective/scores rises): textbook reward hacking. ~2000 on-policy pairs, 300 steps: ~15 s on one thread.
     """
     path = scratchpad_sft_export
@@ -311,12 +311,12 @@ def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_e
     What PPO optimises is the policy's samples, so the true accuracy of samples on held-out prompts is the
     claim (conftest.held_out_accuracy: 400 prompts x 4); greedy accuracy only must not collapse, as it does
     when the RM is hacked (README: the RM trained on the built-in pairs takes `make train ALGO=ppo` down).
-    100 rollouts of 16 prompts x 8 samples, lr 3e-5, kl_coef 0.2. Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md):
+    100 rollouts of 16 prompts x 8 samples, lr 3e-5, beta 0.2. Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md):
     sampled accuracy 0.124 -> 0.174 +- 0.009 (smallest gain +0.031), greedy 0.362 -> 0.370 +- 0.011 (smallest
     -0.010), completions 9.5 -> 14.1 tokens. We require +0.02 sampled and greedy >= start - 0.03; with lr ~0
     the sampled accuracy stays at 0.124 and the test fails.
     """
-    r = run_ppo(scratchpad_sft_export, record, seed, reward_model=onpolicy_rm, lr=3e-5, kl_coef=0.2)
+    r = run_ppo(scratchpad_sft_export, record, seed, reward_model=onpolicy_rm, lr=3e-5, beta=0.2)
     assert r["sampled_end"] >= r["sampled_start"] + MARGIN_PPO_RM, r
     assert r["end"] >= r["start"] - 0.03, r
 
@@ -325,7 +325,7 @@ def test_ppo_with_the_learned_reward_model_raises_true_accuracy(scratchpad_sft_e
 def test_ppo_with_the_rule_reward_alone_raises_accuracy(scratchpad_sft_export, seed, record):
     """PPO on verifiable rewards: no reward model, accuracy_reward is the score, the critic starts from the policy.
 
-    100 rollouts of 16 x 8, lr 1e-4, kl_coef 0.05. Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md): sampled accuracy
+    100 rollouts of 16 x 8, lr 1e-4, beta 0.05. Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md): sampled accuracy
     0.124 -> 0.208 +- 0.008 (smallest gain +0.074), greedy 0.362 -> 0.446 +- 0.017 (smallest +0.055). We
     require +0.04 sampled and +0.02 greedy; with lr ~0 nothing moves (0.124 -> 0.124) and the test fails.
     """

@@ -155,7 +155,7 @@ def test_nonfinite_loss_or_gradient_stops_naming_step_and_quantity(poison):
 @pytest.mark.parametrize("algo", [GRPO, PPO])
 def test_nonfinite_reward_skips_the_rollout(algo):
     CALLS.update(n=0, nan_at=(2,))
-    kw = dict(beta=0.0) if algo is GRPO else dict(target_kl=1.0, ppo_epochs=1)  # PPO: its adaptive KL too
+    kw = dict(beta=0.0) if algo is GRPO else dict(target_kl=1.0, num_iterations=1)  # PPO: its adaptive KL too
     module = algo(arch=tiny_arch(), num_generations=2, max_new_tokens=6, lr=1e-2,
                   reward_funcs=["test_reliability.nan_reward"], **kw)
     snaps = Snapshots()
@@ -249,6 +249,8 @@ GOOD = {"prompt": "1+2=", "completion": "3"}
 CASES = {
     # name: (algo, args, words the error line must contain); {tmp} is the test's directory
     "misspelled_key": ("sft", ["--model.init_args.lrr", "0.1"], ["lrr", "not accepted"]),
+    "renamed_key": ("ppo", ["--model.init_args.kl_coef", "0.1"],
+                    ["kl_coef", "not accepted", "model.init_args.kl_coef is now model.init_args.beta"]),
     "misspelled_data_key": ("sft", ["--data.batch_sise", "8"], ["batch_sise"]),
     "bad_trainer_argument": ("sft", ["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
     "wrong_type": ("sft", ["--model.init_args.lr", "fast"], ['"lr"', "float", "fast"]),

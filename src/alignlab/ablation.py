@@ -44,7 +44,7 @@ import yaml
 CONFIGS = Path("configs")
 
 # cumulative switches on top of configs/algo/dapo.yaml: the first row turns DAPO back into GRPO (beta 0)
-GRPO = {"beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2, "mask_truncated_completions": False,
+GRPO = {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.2, "mask_truncated_completions": False,
         "overlong_buffer_len": 0, "loss_agg_mode": "seq-mean-token-mean", "dynamic_sampling": False}
 STEPS = [
     ("1-grpo", {}),

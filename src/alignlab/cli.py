@@ -65,6 +65,18 @@ def one_line(message: str) -> str:
     return " ".join(ln for ln in lines if ln and not ln.startswith(noise))
 
 
+# model arguments renamed to one name per concept across algorithms: old name -> new name
+RENAMED = {"epsilon_low": "epsilon", "cliprange": "epsilon", "kl_coef": "beta", "ppo_epochs": "num_iterations"}
+
+
+def renamed_hint(message: str) -> str:
+    """`` (renamed: ...)`` when the rejected option of a parse error is an argument's old name."""
+    m = re.search(r"Option '(\w+)' is not accepted", message)
+    if m is None or m[1] not in RENAMED:
+        return ""
+    return f" (model.init_args.{m[1]} is now model.init_args.{RENAMED[m[1]]})"
+
+
 class AlignParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         """A parse error (unknown key, wrong type) is one line without the usage text."""
@@ -73,7 +85,7 @@ class AlignParser(LightningArgumentParser):
         if "--> data.tokenizer" in message:  # the user set the target of the init_from link
             message = ("data.tokenizer: the tokenizer comes from model.init_args.init_from (the directory of the "
                        "weights; a fresh model uses the built-in char tokenizer): do not set data.tokenizer")
-        sys.stderr.write(f"error: {one_line(message)} (see --help)\n")
+        sys.stderr.write(f"error: {one_line(message)}{renamed_hint(message)} (see --help)\n")
         self.exit(2)
 
 

@@ -12,7 +12,7 @@ Every change is a switch, so each one can be ablated (the defaults are the paper
 | switch (model.*)                    | default     | what it changes in the code                                       |
 |-------------------------------------|-------------|-------------------------------------------------------------------|
 | 1. ``beta``                         | 0.0         | no ``beta * KL`` term in ``GRPO.compute_loss``; ``self.ref`` is None: no reference model in memory, no reference forward in ``prepare`` |
-| 2. ``epsilon_low`` / ``epsilon_high`` | 0.2 / 0.28 | clip range ``[1 - eps_low, 1 + eps_high]`` of ``clipped_surrogate``: low-probability tokens with A > 0 may grow more |
+| 2. ``epsilon`` / ``epsilon_high`` | 0.2 / 0.28 | clip range ``[1 - eps_low, 1 + eps_high]`` of ``clipped_surrogate``: low-probability tokens with A > 0 may grow more |
 | 3. ``dynamic_sampling``, ``max_gen_rounds`` | True, 8 | ``make_rollout``: drop groups whose rewards are all equal (A = 0, no gradient), generate from more training prompts until the batch of prompts is full, trim to the batch size; error after max_gen_rounds |
 | 4. ``loss_agg_mode``                | token-mean  | ``aggregate``: sum over all tokens of the batch / total token count (long answers weigh by their length) |
 | 5. ``overlong_buffer_len`` (L_cache), ``max_new_tokens`` (L_max) | 4, 8 | ``score``: soft overlong punishment added to the reward (0 = off), logged as ``rewards/overlong/mean`` |
@@ -41,7 +41,7 @@ class DAPO(GRPO):
     def __init__(
         self,
         beta: float = 0.0,
-        epsilon_low: float = 0.2,
+        epsilon: float = 0.2,
         epsilon_high: float = 0.28,
         dynamic_sampling: bool = True,
         max_gen_rounds: int = 8,
@@ -53,7 +53,7 @@ class DAPO(GRPO):
         """
         Args:
             beta: KL weight; DAPO removes the KL term (0), and then no reference model is loaded.
-            epsilon_low: lower clip range eps_low (ratio >= 1 - eps_low for A < 0).
+            epsilon: lower clip range eps_low (ratio >= 1 - eps_low for A < 0).
             epsilon_high: upper clip range eps_high, decoupled and higher (clip-higher).
             dynamic_sampling: keep only groups with mixed rewards and refill the batch with new prompts.
             max_gen_rounds: generation rounds allowed per step to fill the batch before stopping with an error.
@@ -61,10 +61,9 @@ class DAPO(GRPO):
             overlong_buffer_len: L_cache of the soft overlong punishment (0 = off); L_max is max_new_tokens.
             mask_truncated_completions: truncated completions (no EOS) get zero loss weight.
         """
-        check("epsilon" not in kwargs, "epsilon", "DAPO takes epsilon_low / epsilon_high instead")
         check(max_gen_rounds >= 1, "max_gen_rounds", f"must be >= 1, got {max_gen_rounds}")
         check(overlong_buffer_len >= 0, "overlong_buffer_len", f"must be >= 0, got {overlong_buffer_len}")
-        super().__init__(beta=beta, epsilon=epsilon_low, epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode,
+        super().__init__(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode,
                          mask_truncated_completions=mask_truncated_completions, **kwargs)
         check(overlong_buffer_len <= self.hparams.max_new_tokens, "overlong_buffer_len",
               f"must be <= max_new_tokens ({self.hparams.max_new_tokens}), got {overlong_buffer_len}")

@@ -81,7 +81,6 @@ class GRPO(OnPolicyModule):
               f"must be group|batch|none, got {scale_rewards!r}")
         check(loss_agg_mode in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"), "loss_agg_mode",
               f"must be seq-mean-token-mean|token-mean|seq-mean-token-sum-norm, got {loss_agg_mode!r}")
-        # kept as attributes: subclasses may rename them (DAPO's epsilon_low), so hparams need not hold them
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.kl_estimator, self.scale_rewards, self.loss_agg_mode = kl_estimator, scale_rewards, loss_agg_mode
         self.mask_truncated_completions = mask_truncated_completions

@@ -22,7 +22,7 @@ One ``training_step`` (one rollout), in the order the paper writes it:
 3. KL in the reward (Ziegler et al. 2019): with KL_t an estimate of log pi_old(o_t) / pi_ref(o_t)
    (k1 = logp - logp_ref, or k3),
 
-       r_t = -kl_coef * KL_t + [t == last completion token] * s
+       r_t = -beta * KL_t + [t == last completion token] * s
 
    (``whiten_rewards`` optionally normalises r_t over the batch, TRL's option.)
 4. GAE (Schulman et al. 2016) with the critic's values V_t at rollout time, backwards over the tokens:
@@ -32,7 +32,7 @@ One ``training_step`` (one rollout), in the order the paper writes it:
        R_t     = A_t + V_t                                 (the critic's targets: "returns")
 
    then the advantages are whitened over all completion tokens of the batch: A <- (A - mean) / std.
-5. ``ppo_epochs`` passes x ``minibatches`` optimizer steps on the rollout, each minimising
+5. ``num_iterations`` passes x ``minibatches`` optimizer steps on the rollout, each minimising
 
        L = L_policy + vf_coef * L_value - entropy_coef * H
        L_policy = -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t),   rho_t = pi_theta(o_t) / pi_old(o_t)
@@ -42,7 +42,7 @@ One ``training_step`` (one rollout), in the order the paper writes it:
    averaged over all completion tokens of the minibatch (token-mean, as TRL).
 6. Adaptive KL controller (optional, ``target_kl``; Ziegler et al. 2019): after each rollout,
 
-       kl_coef <- kl_coef * (1 + clip(KL / target_kl - 1, -0.2, 0.2) * n / kl_horizon)
+       beta <- beta * (1 + clip(KL / target_kl - 1, -0.2, 0.2) * n / kl_horizon)
 
    with KL the mean summed KL of a completion and n the number of completions of the rollout.
    The coefficient is saved in checkpoints.
@@ -61,10 +61,12 @@ score (``rule_reward_weight`` default 1): PPO on verifiable rewards.
 
 Metrics (TRL's PPOTrainer names): ``objective/kl`` (mean over completions of sum_t KL_t),
 ``objective/entropy`` (mean of sum_t -logp_t, TRL's estimate), ``objective/non_score_reward``
-(mean of sum_t -kl_coef KL_t), ``objective/scores`` (mean s), ``objective/rlhf_reward`` (scores +
+(mean of sum_t -beta KL_t), ``objective/scores`` (mean s), ``objective/rlhf_reward`` (scores +
 non-score reward), ``policy/approxkl_avg`` (0.5 (logp - logp_old)^2), ``policy/clipfrac_avg``,
-``policy/entropy_avg``, ``loss/policy_avg``, ``loss/value_avg``, ``val/clipfrac_avg`` (value clipping),
-``val/ratio`` (mean rho), ``train/kl_coef``, plus ``val/accuracy`` from validation.
+``policy/entropy_avg``, ``loss/policy_avg``, ``loss/value_avg``, ``value/clipfrac_avg`` (value clipping;
+TRL: ``val/clipfrac_avg``), ``policy/ratio_avg`` (mean rho; TRL: ``val/ratio``), ``train/beta`` (the KL
+coefficient, adaptive with ``target_kl``), plus ``val/accuracy`` from validation: ``val/`` holds only what
+validation computes.
 """
 
 from __future__ import annotations
@@ -83,10 +85,10 @@ from alignlab.losses.lm import masked_mean
 from alignlab.losses.policy import aggregate, clipped_surrogate, clipped_value_loss, kl_estimate
 from alignlab.model.heads import ScalarModel
 
-def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
-    """Ziegler et al. 2019's proportional controller: kl_coef * (1 + clip(kl / target - 1, +-0.2) * n / horizon)."""
+def adaptive_kl_coef(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
+    """Ziegler et al. 2019's proportional controller: beta * (1 + clip(kl / target - 1, +-0.2) * n / horizon)."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
-    return kl_coef * (1.0 + error * n_steps / horizon)
+    return beta * (1.0 + error * n_steps / horizon)
 
 
 class PPO(OnPolicyModule):
@@ -95,7 +97,7 @@ class PPO(OnPolicyModule):
         r = self.make_rollout(batch)    # 1-2. o ~ pi_old(.|q); s = r_phi(q, o) (or the rule rewards)
         self.prepare(r)                 # 3.   log pi_old, log pi_ref, the critic's V_t at rollout time
         self.compute_advantages(r)      # 3-4. r_t = -beta KL_t + [t = T] s; GAE -> A_t, R_t
-        self.update(r)                  # 5.   ppo_epochs x minibatches steps on L_policy + vf_coef L_value
+        self.update(r)                  # 5.   num_iterations x minibatches steps on L_policy + vf_coef L_value
         self.after_update(r)            # 6.   adaptive KL controller (target_kl)
     """
 
@@ -103,7 +105,7 @@ class PPO(OnPolicyModule):
         self,
         reward_model: str | None = None,
         rule_reward_weight: float | None = None,
-        kl_coef: float = 0.05,
+        beta: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
         target_kl: float | None = None,
         kl_horizon: int = 10000,
@@ -113,14 +115,15 @@ class PPO(OnPolicyModule):
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_advantages: bool = True,
-        cliprange: float = 0.2,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
         dual_clip: float | None = None,
         cliprange_value: float = 0.2,
         vf_coef: float = 0.1,
         entropy_coef: float = 0.0,
         critic_lr: float = 1e-4,
         critic_warmup_steps: int = 0,
-        ppo_epochs: int = 4,
+        num_iterations: int = 4,
         minibatches: int = 1,
         num_generations: int = 1,
         export_critic: bool = True,
@@ -131,9 +134,9 @@ class PPO(OnPolicyModule):
             reward_model: path to a reward-model export (``RewardModel.export``); None = rule rewards only.
             rule_reward_weight: weight of the rule rewards (``reward_funcs``) in the score; default 0 with a
                 reward model (rules are then only logged) and 1 without.
-            kl_coef: beta, weight of the per-token KL penalty in the reward (initial value if target_kl is set).
+            beta: weight of the per-token KL penalty in the reward (initial value if target_kl is set).
             kl_estimator: k1 (log-ratio, TRL's default) or k3 (>= 0) for the KL in the reward.
-            target_kl: adaptive KL controller target (summed KL per completion); None = fixed kl_coef.
+            target_kl: adaptive KL controller target (summed KL per completion); None = fixed beta.
             kl_horizon: horizon of the adaptive KL controller, in completions.
             missing_eos_penalty: subtracted from the score of completions that never emit EOS; None = off.
             whiten_rewards: whiten the per-token rewards over the batch (keeping their mean) before GAE.
@@ -141,14 +144,15 @@ class PPO(OnPolicyModule):
             gamma: discount of GAE.
             lam: lambda of GAE (bias-variance trade-off; 1 = Monte-Carlo returns minus V).
             whiten_advantages: normalise advantages to mean 0, std 1 over the batch's completion tokens.
-            cliprange: eps of the clipped surrogate, ratio kept in [1 - eps, 1 + eps].
+            epsilon: eps of the clipped surrogate, ratio kept in [1 - eps, 1 + eps_high].
+            epsilon_high: upper clip range eps_high (None = epsilon).
             dual_clip: dual-clip constant c > 1 for negative advantages (Ye et al. 2020); None = off.
             cliprange_value: the new value is kept within this distance of the rollout-time value.
             vf_coef: weight of the value loss.
             entropy_coef: weight of the entropy bonus (0 = off).
             critic_lr: peak learning rate of the critic (its own AdamW parameter groups).
             critic_warmup_steps: the first this many rollouts train only the critic.
-            ppo_epochs: passes over each rollout (OnPolicyModule's num_iterations).
+            num_iterations: passes over each rollout (PPO's epochs).
             minibatches: optimizer steps per pass; the rollout is split into this many minibatches.
             num_generations: completions sampled per prompt (PPO needs no groups; 1 as in TRL).
             export_critic: also write the critic (ScalarModel) under ``<export dir>/critic``.
@@ -156,35 +160,31 @@ class PPO(OnPolicyModule):
         check(reward_model is None or ScalarModel.is_scalar_model(reward_model), "reward_model",
               f"{reward_model!r} is not a reward-model export (no alignlab_scalar.json); train one with "
               f"`python -m alignlab.train rm`")
-        check(kl_coef >= 0, "kl_coef", f"must be >= 0, got {kl_coef}")
+        check(beta >= 0, "beta", f"must be >= 0, got {beta}")
         check(kl_estimator in ("k1", "k3"), "kl_estimator", f"must be k1|k3, got {kl_estimator!r}")
         check(target_kl is None or target_kl > 0, "target_kl", f"must be > 0 (or null), got {target_kl}")
-        check(target_kl is None or kl_coef > 0, "kl_coef", "must be > 0 for the adaptive controller (target_kl)")
+        check(target_kl is None or beta > 0, "beta", "must be > 0 for the adaptive controller (target_kl)")
         check(kl_horizon >= 1, "kl_horizon", f"must be >= 1, got {kl_horizon}")
         check(reward_clip is None or reward_clip > 0, "reward_clip", f"must be > 0 (or null), got {reward_clip}")
         check(0 <= gamma <= 1, "gamma", f"must be in [0, 1], got {gamma}")
         check(0 <= lam <= 1, "lam", f"must be in [0, 1], got {lam}")
-        check(cliprange >= 0, "cliprange", f"must be >= 0, got {cliprange}")
+        check(epsilon >= 0, "epsilon", f"must be >= 0, got {epsilon}")
+        check(epsilon_high is None or epsilon_high >= 0, "epsilon_high", f"must be >= 0, got {epsilon_high}")
         check(dual_clip is None or dual_clip > 1, "dual_clip", f"must be > 1 (or null), got {dual_clip}")
         check(cliprange_value > 0, "cliprange_value", f"must be > 0, got {cliprange_value}")
         check(vf_coef >= 0, "vf_coef", f"must be >= 0, got {vf_coef}")
         check(entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {entropy_coef}")
         check(critic_lr > 0, "critic_lr", f"must be > 0, got {critic_lr}")
         check(critic_warmup_steps >= 0, "critic_warmup_steps", f"must be >= 0, got {critic_warmup_steps}")
-        check(ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {ppo_epochs}")
-        check("num_iterations" not in kwargs, "num_iterations", "PPO takes ppo_epochs instead")
-        super().__init__(num_iterations=ppo_epochs, minibatches=minibatches, num_generations=num_generations,
+        super().__init__(num_iterations=num_iterations, minibatches=minibatches, num_generations=num_generations,
                          **kwargs)
-        # OnPolicyModule.update reads hparams.num_iterations; under LightningCLI hparams hold only the
-        # config's keys (ppo_epochs), so record the mapping explicitly
-        self.hparams["num_iterations"] = ppo_epochs
         if rule_reward_weight is None:
             rule_reward_weight = 0.0 if reward_model is not None else 1.0
         check(reward_model is not None or rule_reward_weight != 0, "rule_reward_weight",
               "is 0 and there is no reward_model: every score would be 0 (drop the key: it defaults to 1 "
               "without a reward model)")
         self.rule_reward_weight = float(rule_reward_weight)
-        self.kl_coef = float(kl_coef)  # the adaptive controller's state (saved in checkpoints)
+        self.beta = float(beta)  # the adaptive controller's state (saved in checkpoints)
 
     def build_model(self, init_from, arch) -> None:
         """The policy; the reward model (frozen, never trained); the critic: separate parameters, from the
@@ -254,7 +254,7 @@ class PPO(OnPolicyModule):
     def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
         mask = r.completion_mask.float()
         kl = kl_estimate(r.logp_old, r.ref_logp, self.hparams.kl_estimator) * mask  # (N, C)
-        rewards = per_token_rewards(r.rewards, kl, mask, self.kl_coef)  # -kl_coef KL_t, + s on the last token
+        rewards = per_token_rewards(r.rewards, kl, mask, self.beta)  # -beta KL_t, + s on the last token
         if self.hparams.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, r.values, mask, self.hparams.gamma, self.hparams.lam)
@@ -263,7 +263,7 @@ class PPO(OnPolicyModule):
 
         n = self.global_sum(len(r))
         seq_kl = self.global_sum(kl.sum()) / n  # mean over completions of sum_t KL_t
-        non_score = -self.kl_coef * seq_kl
+        non_score = -self.beta * seq_kl
         scores = self.global_sum(r.rewards.sum()) / n
         return {
             "objective/kl": seq_kl,
@@ -271,7 +271,7 @@ class PPO(OnPolicyModule):
             "objective/non_score_reward": non_score,
             "objective/scores": scores,
             "objective/rlhf_reward": scores + non_score,
-            "train/kl_coef": torch.tensor(self.kl_coef),
+            "train/beta": torch.tensor(self.beta),
             "train/value_mean": masked_mean(r.values, mask),
             "train/returns_mean": masked_mean(returns, mask),
         }
@@ -293,15 +293,15 @@ class PPO(OnPolicyModule):
                                     mb.completion_mask)
         vf_per_token, vm = clipped_value_loss(values, mb.values, mb.returns, mask, h.cliprange_value)
         vf_loss = token_mean(vf_per_token)
-        metrics = {"loss/value_avg": vf_loss.detach() * self.world_size, "val/clipfrac_avg": vm["vf_clipfrac"]}
+        metrics = {"loss/value_avg": vf_loss.detach() * self.world_size, "value/clipfrac_avg": vm["vf_clipfrac"]}
         if self.in_critic_warmup():
             return h.vf_coef * vf_loss, metrics
 
         logp, entropy = self.completion_logps(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
                                               mb.completion_mask, temperature=h.temperature, with_entropy=True,
                                               prompt_index=mb.prompt_index, entropy_grad=h.entropy_coef > 0)
-        pg_per_token, pm = clipped_surrogate(logp, mb.logp_old, mb.advantages, mask, eps_low=h.cliprange,
-                                             dual_clip=h.dual_clip)
+        pg_per_token, pm = clipped_surrogate(logp, mb.logp_old, mb.advantages, mask, eps_low=h.epsilon,
+                                             eps_high=h.epsilon_high, dual_clip=h.dual_clip)
         pg_loss = token_mean(pg_per_token)
         loss = pg_loss + h.vf_coef * vf_loss
         if h.entropy_coef > 0:
@@ -313,26 +313,26 @@ class PPO(OnPolicyModule):
                 "policy/approxkl_avg": masked_mean(0.5 * log_ratio**2, mask),
                 "policy/clipfrac_avg": pm["clip_ratio/region"],
                 "policy/entropy_avg": masked_mean(entropy.detach(), mask),
-                "val/ratio": pm["ratio/mean"],
+                "policy/ratio_avg": pm["ratio/mean"],
             })
         return loss, metrics
 
     # ------------------------------------------------------------- 6. adaptive KL controller
     def after_update(self, r: Rollout) -> None:
         if self.hparams.target_kl is not None:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, float(r.stats["objective/kl"]), self.hparams.target_kl,
+            self.beta = adaptive_kl_coef(self.beta, float(r.stats["objective/kl"]), self.hparams.target_kl,
                                             int(self.global_sum(len(r))), self.hparams.kl_horizon)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ppo_kl_coef"] = self.kl_coef
+        checkpoint["ppo_beta"] = self.beta
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.kl_coef = float(checkpoint.get("ppo_kl_coef", self.kl_coef))
+        self.beta = float(checkpoint.get("ppo_beta", self.beta))
 
     # ------------------------------------------------------------------------------ logging
-    metric_groups = (*OnPolicyModule.metric_groups, "objective", "policy", "loss", "val")  # TRL's names, as they are
+    metric_groups = (*OnPolicyModule.metric_groups, "objective", "policy", "loss", "value")  # TRL's groups
     every_step_metrics = (*OnPolicyModule.every_step_metrics, "objective/scores")
     prog_bar_metrics = (*OnPolicyModule.prog_bar_metrics, "objective/scores")
 

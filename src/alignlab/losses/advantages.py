@@ -135,12 +135,12 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 
 def per_token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """The RLHF-PPO per-token reward (Ziegler et al. 2019): a KL penalty on every token, and the
     reward-model score on the last token of the completion.
 
-        r_t = -kl_coef * KL_t + [t == last valid token] * score
+        r_t = -beta * KL_t + [t == last valid token] * score
 
     Args:
         scores: (B,) sequence-level rewards (reward model or rule).
@@ -150,7 +150,7 @@ def per_token_rewards(
         (B, T) rewards, 0 where mask is 0.
     """
     mask = mask.to(kl.dtype)
-    rewards = -kl_coef * kl.detach() * mask
+    rewards = -beta * kl.detach() * mask
     T = mask.shape[1]
     positions = torch.arange(T, device=mask.device).expand_as(mask)
     last = torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)  # (B,)
