@@ -41,7 +41,8 @@ from unittest import mock
 
 import yaml
 
-CONFIGS = Path("configs")
+from alignlab.train import CONFIGS  # the repository's configs/, wherever this runs from
+
 
 # cumulative switches on top of configs/algo/dapo.yaml: the first row turns DAPO back into GRPO (beta 0)
 GRPO = {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.2, "mask_truncated_completions": False,
