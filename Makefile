@@ -8,9 +8,10 @@ ARGS ?=
 RECIPE ?=
 SEEDS ?= 0 1 2
 STEPS ?= 100
+RESULTS_SEEDS ?= 0 1 2 3 4
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model train test test-slow learning-spread bench bench-real ablation tensorboard clean-logs
+.PHONY: help install lock model train test test-slow learning-spread bench bench-real ablation results tensorboard clean-logs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,6 +66,9 @@ bench-real: $(MODEL) ## on SmolLM2-135M-Instruct: GRPO peak memory and s/step, f
 
 ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}
 	$(PY) -m alignlab.ablation run --seeds $(SEEDS) --steps $(STEPS) $(if $(DRY),--dry-run)
+
+results: $(STAMP) ## every default stage (sft rm dpo ppo grpo dapo) for RESULTS_SEEDS="0 1 2 3 4", each seed in a fresh logs/results/seed_k -> results/baselines.{md,json} (~40 min; resumes)
+	$(PY) -m alignlab.results run --seeds $(RESULTS_SEEDS)
 
 tensorboard: $(STAMP) ## open TensorBoard on logs/ (http://localhost:6006)
 	$(PY) -m tensorboard.main --logdir logs --port 6006

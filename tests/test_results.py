@@ -1,0 +1,22 @@
+"""make results: every stage per seed in its own directory, start and end measured, the table over seeds."""
+
+import json
+
+from alignlab import results
+
+
+def test_results_runs_each_seed_in_its_own_logs_and_tabulates_start_and_end(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "baselines.md"
+    argv = ["run", "--seeds", "0", "1", "--stages", "sft", "--root", str(root), "--out", str(out),
+            "--extra", "--trainer.max_steps=2", "--data.num_train=64", "--data.num_val=8"]
+    results.main(argv)
+    for seed in (0, 1):  # a fresh logs/ per seed, the stage's export where the next stage looks for it
+        assert (root / f"seed_{seed}" / "logs" / "sft" / "latest_hf" / "config.json").is_file()
+    table = out.read_text()
+    assert "| sft | 2 | 2 |" in table  # 2 seeds, 2 steps
+    summary = json.loads(out.with_suffix(".json").read_text())
+    runs = summary["sft"]["runs"]
+    assert len(runs) == 2 and all(r["start"] is not None and r["steps"] == 2 and r["seconds"] > 0 for r in runs)
+    assert summary["sft"]["gain_mean"] == sum(r["end"] - r["start"] for r in runs) / 2
+    results.main(argv)  # finished stages are kept: no second run directory
+    assert [p.name for p in (root / "seed_0" / "logs" / "sft").glob("version_*")] == ["version_0"]
