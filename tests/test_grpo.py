@@ -181,6 +181,18 @@ def test_num_iterations_stores_logp_old_and_takes_more_steps():
     assert metrics_of(trainer)["train/ratio/mean"] != 1.0
 
 
+def test_the_rloo_estimator_by_name_gives_leave_one_out_advantages():
+    module = GRPO(arch=tiny_arch(), num_generations=4, scale_rewards="none", advantage_estimator="rloo",
+                  reward_funcs=["test_grpo.length_reward"])
+    r = module.make_rollout(first_batch(datamodule("prompt", batch_size=3)))
+    module.compute_advantages(r)
+    lengths = r.lengths.float().reshape(3, 4)
+    others = (lengths.sum(1, keepdim=True) - lengths) / 3  # the mean of the group's other 3 samples
+    torch.testing.assert_close(r.advantages, (lengths - others).reshape(-1))
+    with pytest.raises(ValueError, match="model.advantage_estimator"):
+        GRPO(arch=tiny_arch(), advantage_estimator="gae")
+
+
 def test_scale_rewards_none_gives_centred_rewards():
     module = GRPO(arch=tiny_arch(), num_generations=4, scale_rewards="none", reward_funcs=["test_grpo.length_reward"])
     r = module.make_rollout(first_batch(datamodule("prompt", batch_size=3)))

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from alignlab.losses.advantages import SCALE_REWARDS, gae, group_advantages, per_token_rewards, whiten
+from alignlab.losses.advantages import (ADVANTAGE_ESTIMATORS, SCALE_REWARDS, gae, group_advantages, per_token_rewards,
+                                        rloo_advantages, whiten)
 
 # ---------------------------------------------------------------- group advantages
 
@@ -126,3 +127,17 @@ def test_per_token_rewards_score_on_last_valid_token():
     kl, mask = torch.tensor([[1.0, 9.0]]), torch.tensor([[1, 0]])
     r = per_token_rewards(torch.tensor([3.0]), kl, mask, beta=0.5)
     torch.testing.assert_close(r, torch.tensor([[2.5, 0.0]]))
+
+
+def test_rloo_subtracts_the_mean_of_the_other_samples_of_the_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 3.0, 2.0, 5.0, 4.0, 4.0])
+    adv, m = rloo_advantages(rewards, group_size=4)
+    hand = [rewards[i] - (rewards[g * 4:(g + 1) * 4].sum() - rewards[i]) / 3
+            for g in (0, 1) for i in range(g * 4, g * 4 + 4)]
+    torch.testing.assert_close(adv, torch.stack(hand))
+    _, mg = group_advantages(rewards, 4)
+    assert m.keys() == mg.keys()
+    scaled, _ = rloo_advantages(rewards, 4, scale_rewards="group")  # then divided as GRPO's would be
+    torch.testing.assert_close(scaled, group_advantages(rewards, 4, "group")[0] * 4 / 3)
+    assert torch.all(rloo_advantages(torch.tensor([0.3, 2.0]), group_size=1)[0] == 0)  # no other sample
+    assert ADVANTAGE_ESTIMATORS == {"grpo": group_advantages, "rloo": rloo_advantages}

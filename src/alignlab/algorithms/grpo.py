@@ -37,7 +37,7 @@ import torch
 
 from alignlab.algorithms.base import check
 from alignlab.algorithms.on_policy import OnPolicyModule, Rollout
-from alignlab.losses.advantages import group_advantages
+from alignlab.losses.advantages import ADVANTAGE_ESTIMATORS
 from alignlab.losses.lm import masked_mean
 from alignlab.losses.policy import aggregate, clipped_surrogate, kl_estimate
 
@@ -60,6 +60,7 @@ class GRPO(OnPolicyModule):
         scale_rewards: Literal["group", "batch", "none"] = "group",
         loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean",
         mask_truncated_completions: bool = False,
+        advantage_estimator: Literal["grpo", "rloo"] = "grpo",
         **kwargs,
     ):
         """
@@ -71,6 +72,9 @@ class GRPO(OnPolicyModule):
             scale_rewards: divide the group-centred rewards by the group std, the batch std, or nothing.
             loss_agg_mode: seq-mean-token-mean (GRPO) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO).
             mask_truncated_completions: completions without EOS get zero loss weight (overlong filtering).
+            advantage_estimator: grpo (R_i - the group mean) or rloo (R_i - the mean of the group's others,
+                Ahmadian et al. 2024; with scale_rewards: none as RLOO): a name of
+                ``losses.advantages.ADVANTAGE_ESTIMATORS``, where another estimator is added.
         """
         check(beta >= 0, "beta", f"must be >= 0, got {beta}")
         super().__init__(**kwargs)
@@ -79,11 +83,14 @@ class GRPO(OnPolicyModule):
         check(kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"must be k1|k2|k3, got {kl_estimator!r}")
         check(scale_rewards in ("group", "batch", "none"), "scale_rewards",
               f"must be group|batch|none, got {scale_rewards!r}")
+        check(advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator",
+              f"must be {'|'.join(ADVANTAGE_ESTIMATORS)}, got {advantage_estimator!r}")
         check(loss_agg_mode in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"), "loss_agg_mode",
               f"must be seq-mean-token-mean|token-mean|seq-mean-token-sum-norm, got {loss_agg_mode!r}")
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.kl_estimator, self.scale_rewards, self.loss_agg_mode = kl_estimator, scale_rewards, loss_agg_mode
         self.mask_truncated_completions = mask_truncated_completions
+        self.advantages_fn = ADVANTAGE_ESTIMATORS[advantage_estimator]
 
     def needs_reference(self) -> bool:
         return self.hparams.beta > 0  # beta == 0: no reference model is created at all
@@ -98,14 +105,14 @@ class GRPO(OnPolicyModule):
         if self.beta > 0:
             r.ref_logp = self.logps_no_grad(self.ref, r)
 
-    # -- 4. group-relative advantages: A_i = (R_i - mean_group R) / (std + eps)
+    # -- 4. group-relative advantages: A_i = (R_i - mean_group R) / (std + eps)   (or RLOO's, by name)
     def compute_advantages(self, r: Rollout) -> dict[str, torch.Tensor]:
-        G = self.hparams.num_generations
+        G, estimate = self.hparams.num_generations, self.advantages_fn
         if self.scale_rewards == "batch" and self.world_size > 1:  # the batch std spans every rank's rewards
-            adv, metrics = group_advantages(r.rewards, G, "none")
+            adv, metrics = estimate(r.rewards, G, "none")
             adv = adv / (self.all_gather(r.rewards).reshape(-1).std() + 1e-4)
         else:
-            adv, metrics = group_advantages(r.rewards, G, self.scale_rewards)
+            adv, metrics = estimate(r.rewards, G, self.scale_rewards)
         r.advantages = adv  # (N,): the same advantage for every token of o_i
         return metrics
 

@@ -1,4 +1,4 @@
-"""Advantages: GRPO group normalisation, PPO's GAE, whitening, and the RLHF per-token reward.
+"""Advantages: GRPO group normalisation, RLOO's leave-one-out baseline, PPO's GAE, whitening, and the RLHF per-token reward.
 
 Pure functions of tensors; they import only torch. Shapes: B completions, T completion tokens,
 right-padded, `mask` 1 on real tokens. Everything here is a target, not a prediction: inputs are
@@ -63,6 +63,24 @@ def group_advantages(
         "frac_reward_zero_std": zero_std.float().mean(),
     }
     return advantages.reshape(-1), metrics
+
+
+def rloo_advantages(
+    rewards: torch.Tensor, group_size: int, scale_rewards: str = "none", eps: float = 1e-4
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RLOO (Ahmadian et al. 2024): each reward minus the mean of the OTHER G - 1 rewards of its group,
+
+        A_i = R_i - 1/(G-1) sum_{j != i} R_j  =  G / (G - 1) * (R_i - mean_group(R))
+
+    an unbiased baseline (it does not depend on o_i); then divided as ``scale_rewards`` says, like GRPO's
+    (RLOO's own: "none"). One sample per group has no other sample: A = 0. Metrics as ``group_advantages``.
+    """
+    advantages, metrics = group_advantages(rewards, group_size, scale_rewards, eps)
+    return advantages * (group_size / (group_size - 1) if group_size > 1 else 0.0), metrics
+
+
+# ``model.advantage_estimator`` of GRPO / DAPO: name -> fn(rewards, group_size, scale_rewards) -> (A, metrics)
+ADVANTAGE_ESTIMATORS = {"grpo": group_advantages, "rloo": rloo_advantages}
 
 
 def _std(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
