@@ -384,6 +384,17 @@ def test_train_checks_the_whole_command_before_any_stage_runs(case, tmp_path, ca
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_good_dpo_command_is_checked_without_sampling_pairs_from_the_stand_in(tmp_path, monkeypatch):
+    """DPO's default pairs come from the SFT export (data.pairs_from): while SFT is still missing, the check
+    uses the task's pairs (an untrained stand-in's samples would give none) and writes no pairs file."""
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    monkeypatch.setattr(train, "fit", lambda stage, extra, recipe=None: ran.append(stage))
+    train.main(["dpo", "--data.num_train=64", "--data.num_val=8"])
+    assert ran == ["sft", "dpo"]  # checked, then the stages (not run here)
+    assert not (tmp_path / "logs").exists()  # the check wrote nothing: no logs/pairs
+
+
 @pytest.mark.parametrize("command, words", [
     (["grpo", "--model.epsilonn=0.3"], ["Option 'epsilonn' is not accepted"]),  # checked before SFT runs
     (["sft", "--ckpt_path=garbage.ckpt"], ["ckpt_path: garbage.ckpt: not a checkpoint"]),  # by the SFT run itself

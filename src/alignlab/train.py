@@ -180,10 +180,15 @@ def fit(algo: str, extra: list[str], recipe: str | None = None) -> None:
         raise SystemExit(code)
 
 
+# keys whose export is not stood in by check: an untrained stand-in's samples would be no pairs at all
+NOT_STOOD_IN = {"data.pairs_from": "null"}  # the task's own pairs are checked instead; sampling runs with the stage
+
+
 def stand_in_args(stage: str, stand_ins: dict[str, str]) -> list[str]:
     """``--key=value`` for each key of the stage's config that names an export of ``stand_ins``, with that
-    ``logs/<stage>/latest_hf`` replaced by its stand-in directory."""
-    return [f"--{key}={EXPORT.sub(lambda m: stand_ins.get(m[1], m[0]), value)}"
+    ``logs/<stage>/latest_hf`` replaced by its stand-in directory (or, for ``NOT_STOOD_IN`` keys, its value
+    there)."""
+    return [f"--{key}={NOT_STOOD_IN.get(key) or EXPORT.sub(lambda m: stand_ins.get(m[1], m[0]), value)}"
             for key, value in exports_named(*split_stage(stage)) if set(EXPORT.findall(value)) & stand_ins.keys()]
 
 
