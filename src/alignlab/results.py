@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -31,6 +32,16 @@ from pathlib import Path
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "dapo")
 START = "--trainer.callbacks+=alignlab.callbacks.ValidateAtStart"
+
+
+def commit() -> str:
+    """The checkout's commit (``unknown`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def seed_dir(root: Path, seed: int) -> Path:
@@ -118,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     table, summary = summarize(args.root, args.seeds, args.stages)
     header = (f"# Baselines over seeds {' '.join(map(str, args.seeds))}\n\n"
               f"`python -m alignlab.results run --seeds {' '.join(map(str, args.seeds))}` (what `make results` "
-              f"runs): each default stage, from a fresh `logs/` per seed; `val/accuracy` before the first step "
-              f"(start) and after the last (end), mean ± std over seeds.\n\n")
+              f"runs) at commit {commit()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}: each "
+              f"default stage, from a fresh `logs/` per seed; `val/accuracy` before the first step (start) and "
+              f"after the last (end), mean ± std over seeds. A stage learns over seeds when its mean gain exceeds "
+              f"the std of its gains and its smallest gain is > 0.\n\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(header + table + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
