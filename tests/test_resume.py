@@ -30,7 +30,7 @@ ALGO_ARGS = {
              "--model.init_args.overlong_buffer_len=2", "--model.init_args.lr=1e-3",
              "--model.init_args.reward_funcs=[resume_helpers.length_parity_reward]"],  # G=2: some group has equal
     # rewards (parity) within steps 3-6, so the refill iterator is used and its position must be restored
-    "dpo": ["--data.batch_size=8", "--model.init_args.lr=1e-3"],
+    "dpo": ["--data.batch_size=8", "--model.init_args.lr=1e-3", "--data.pairs_from=null"],  # a fresh model: task pairs
     # PPO on the rule reward (no reward model): policy, critic (its own optimizer groups), reference and the
     # adaptive KL controller must all come back
     "ppo": ["--model.init_args.num_generations=4", "--model.init_args.max_new_tokens=6", "--data.batch_size=4",
