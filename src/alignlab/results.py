@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from alignlab import ablation
+
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "dapo")
 START = "--trainer.callbacks+=alignlab.callbacks.ValidateAtStart"
 
@@ -82,9 +84,7 @@ def stage_result(root: Path, seed: int, stage: str) -> dict | None:
 
 
 def mean_std(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+    return "{:.3f} ± {:.3f}".format(*ablation.mean_std(xs)) if xs else "-"
 
 
 def summarize(root: Path, seeds: list[int], stages: list[str]) -> tuple[str, dict]:

@@ -192,7 +192,7 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for model in getattr(self, "_frozen", ()):
+        for model in self._frozen:
             model.eval()
         return self
 

@@ -87,30 +87,27 @@ class DAPO(GRPO):
         G, max_rounds = self.hparams.num_generations, self.hparams.max_gen_rounds
         want = batch["prompt_ids"].shape[0]  # prompts per batch (on this rank)
         kept: list[Rollout] = []
-        all_rewards: list[torch.Tensor] = []  # (groups, G) of every round, kept or not
-        n_kept = n_generated = 0
+        mixed: list[torch.Tensor] = []  # (groups,) of every round, kept or not: are its rewards not all equal?
+        n_kept = 0
         for rounds in range(1, max_rounds + 1):
             r = super().make_rollout(batch)
             grouped = r.rewards.reshape(-1, G)
-            mixed = (grouped != grouped[:, :1]).any(dim=1)  # (groups,): rewards not all equal
-            keep_rows = mixed.repeat_interleave(G).nonzero().squeeze(1)
-            kept.append(r.select(keep_rows))
-            n_kept += int(mixed.sum())
-            n_generated += grouped.shape[0]
-            all_rewards.append(grouped)
+            mixed.append((grouped != grouped[:, :1]).any(dim=1))
+            kept.append(r.select(mixed[-1].repeat_interleave(G).nonzero().squeeze(1)))
+            n_kept += int(mixed[-1].sum())
             if n_kept >= want:
                 break
             batch = self.next_prompts()
-        else:
+        equal = ~torch.cat(mixed)  # every kept group is mixed: the share is taken among ALL generated ones
+        if n_kept < want:
             raise RuntimeError(
                 f"DAPO dynamic sampling: only {n_kept} of {want} prompts had mixed rewards after "
-                f"model.max_gen_rounds={max_rounds} rounds ({n_generated} groups generated, all others had equal "
+                f"model.max_gen_rounds={max_rounds} rounds ({len(equal)} groups generated, all others had equal "
                 f"rewards). Raise max_gen_rounds or num_generations, start from a better/worse policy, "
                 f"or set model.dynamic_sampling=false.")
         r = Rollout.cat(kept, pad_id=self.pad_id).select(torch.arange(want * G))  # trim to the batch size
-        grouped = torch.cat(all_rewards)  # every kept group is mixed: report the share among ALL generated ones
-        r.stats = {"frac_reward_zero_std": (grouped == grouped[:, :1]).all(dim=1).float().mean(),
-                   "dropped_groups": torch.tensor(float(n_generated - n_kept), device=self.device),  # equal rewards
+        r.stats = {"frac_reward_zero_std": equal.float().mean(),
+                   "dropped_groups": equal.sum().float(),  # equal-reward groups
                    "gen_rounds": torch.tensor(float(rounds), device=self.device)}
         return r
 

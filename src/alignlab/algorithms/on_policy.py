@@ -33,7 +33,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from alignlab.algorithms.base import PolicyModule, check, resolve_callable, token_lists
+from alignlab.algorithms.base import PolicyModule, check, resolve_callable
+from alignlab.algorithms.validation import token_lists
 
 
 # ----------------------------------------------------------------------------------- the rollout
