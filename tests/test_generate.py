@@ -148,6 +148,30 @@ def test_sampler_is_filter_then_inverse_cdf_and_completions_stop_at_eos():
     assert res.logprobs.tolist() == [[-1.0, -3.0], [-2.0, 0.0]] and not res.truncated.any()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_unfiltered_sampler_draws_softmax_and_reports_its_log_prob(temperature):
+    """Without top-k / top-p one pass over exp(logits / T - max) serves the draw and the normaliser: the tokens
+    follow softmax(logits / T) (frequencies over 1e5 draws), they are the ones ``sample`` draws from that
+    softmax with the same uniforms (up to rounding at a CDF boundary), and the log-probs equal the
+    log-softmax's, greedy's too."""
+    logits = torch.randn(1, 6, generator=torch.Generator().manual_seed(3)) * 2
+    probs = (logits / temperature).softmax(-1)[0]
+    rows = logits.expand(100_000, 6).contiguous()
+    tok, logp = Sampler(temperature=temperature, generator=torch.Generator().manual_seed(0))(rows)
+    freq = torch.bincount(tok, minlength=6).float() / len(tok)
+    torch.testing.assert_close(freq, probs, atol=0.006, rtol=0)  # >= 4 sigma at n = 1e5
+    want = sample((rows / temperature).softmax(-1), torch.Generator().manual_seed(0))
+    assert (tok == want).float().mean() > 0.9999
+    torch.testing.assert_close(logp, probs.log()[tok], atol=1e-5, rtol=0)
+    big = torch.randn(8, 49152, generator=torch.Generator().manual_seed(4)) * 5  # a real vocabulary's width
+    tok, logp = Sampler(temperature=temperature, generator=torch.Generator().manual_seed(1))(big)
+    torch.testing.assert_close(logp, (big / temperature).log_softmax(-1).gather(-1, tok[:, None])[:, 0],
+                               atol=1e-5, rtol=0)
+    tok, logp = Sampler(greedy=True)(big)
+    assert torch.equal(tok, big.argmax(-1))
+    torch.testing.assert_close(logp, big.log_softmax(-1).max(-1).values, atol=1e-5, rtol=0)
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]

@@ -52,10 +52,15 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of probs (B, V), drawn by inverting the CDF at a uniform u ~ U[0, 1): the first v
     with cdf_v > u * cdf_V. Exactly the categorical distribution; a zero-probability token (top-k/top-p)
-    is never drawn. One random number per row (torch.multinomial: ~10x slower here, benchmarks/bench_kernels.py)."""
-    cdf = probs.cumsum(-1)
+    is never drawn. One random number per row (torch.multinomial: ~10x slower here, benchmarks/bench_kernels.py).
+    The rows need not be normalised."""
+    return draw(probs.cumsum(-1), generator)
+
+
+def draw(cdf: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``sample`` given the (unnormalised) cumulative sums cdf (B, V) of each row's probabilities."""
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
@@ -78,17 +83,21 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen token of each row (B,) and its log-prob (B,) under softmax(logits / temperature), in
-        fp32 (greedy: under softmax(logits))."""
-        logits = logits.float()
+        fp32 (greedy: under softmax(logits)): logit - logsumexp(logits), never a full-vocab log-softmax."""
+        scaled = logits.float()
+        if not self.greedy and self.temperature != 1.0:  # x / 1 == x: the division is skipped, not changed
+            scaled = scaled / self.temperature
         if self.greedy:
-            next_tok = logits.argmax(-1)
-            scaled = logits
-        else:
-            scaled = logits / self.temperature
-            probs = filter_logits(scaled, self.top_k, self.top_p).softmax(-1)
-            next_tok = sample(probs, self.generator)
-        logp = scaled.log_softmax(-1).gather(-1, next_tok[:, None]).squeeze(-1)
-        return next_tok, logp
+            next_tok, lse = scaled.argmax(-1), scaled.logsumexp(-1)
+        elif self.top_k or self.top_p < 1.0:
+            next_tok = sample(filter_logits(scaled, self.top_k, self.top_p).softmax(-1), self.generator)
+            lse = scaled.logsumexp(-1)
+        else:  # one pass serves the draw and the normaliser: the CDF of exp(scaled - max) ends at exp(lse - max)
+            top = scaled.amax(-1, keepdim=True)
+            cdf = (scaled - top).exp_().cumsum_(-1)
+            next_tok = draw(cdf, self.generator)
+            lse = (top + cdf[:, -1:].log()).squeeze(-1)
+        return next_tok, scaled.gather(-1, next_tok[:, None]).squeeze(-1) - lse
 
 
 class Completions:

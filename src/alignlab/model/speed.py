@@ -105,16 +105,19 @@ EAGER_ATTENTION_MAX_KEYS = 128
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v. q (B, H, T, D), k/v (B, K, S, D), mask (B|1, 1, T, S) bool or None
-    (None: causal when T > 1, every key when T == 1). K < H is grouped-query attention."""
-    T, S = q.shape[2], k.shape[2]
+    (None: causal when T > 1, every key when T == 1). K < H is grouped-query attention: query head h reads
+    kv head h // (H / K)."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
     if q.device.type != "cpu" or S > EAGER_ATTENTION_MAX_KEYS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                              enable_gqa=k.shape[1] != q.shape[1])
-    if k.shape[1] != q.shape[1]:  # each kv head serves H / K query heads
-        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, T, S)
+                                              enable_gqa=K != H)
+    # the H / K query heads of a kv head are stacked as rows of one matmul against it: the same dot products
+    # as expanding k and v to H heads, without copying the cache H / K times (B, K, G * T, D)
+    q = q.reshape(B, K, (H // K) * T, D)
+    scores = (q @ k.transpose(-1, -2)).view(B, K, H // K, T, S) * D ** -0.5  # (B, K, G, T, S)
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1) @ v
+        scores = scores.masked_fill(~mask.unsqueeze(2) if mask.dim() == 4 else ~mask, float("-inf"))
+    return (scores.softmax(-1).view(B, K, (H // K) * T, S) @ v).view(B, H, T, D)
