@@ -15,7 +15,7 @@ from alignlab.algorithms import DPO, GRPO, PPO, SFT
 from alignlab.algorithms.on_policy import Rollout
 from alignlab.checkpoint import AtomicCheckpointIO
 from alignlab.data.tokenizer import char_tokenizer
-from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selective_log_softmax
+from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selective_log_softmax, sft_loss
 from alignlab.model.hf import load_hf, save_hf
 from alignlab.model.lora import LoRAConfig, LoRALinear
 from alignlab.model.transformer import Transformer
@@ -110,9 +110,15 @@ def test_chunked_completion_logps_equal_the_full_ones_and_keep_no_logits_for_bac
 
     saved_full, (lp_a, ent_a) = saved_for_backward(lambda: run(full))
     saved_chunked, (lp_b, ent_b) = saved_for_backward(lambda: run(chunked))
+    with torch.no_grad():  # the formula on the full (B, C, V) logits, padding positions included
+        logits = full.completion_states(full.policy, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                        r.completion_mask, r.prompt_index) / 0.8
+        want_lp, want_ent = selective_log_softmax(logits, r.completion_ids), entropy_from_logits(logits)
+    torch.testing.assert_close(lp_a[real], want_lp[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_a[real], want_ent[real], atol=1e-5, rtol=1e-5)
+    assert (lp_a[~real] == 0).all() and (lp_b[~real] == 0).all()  # padding is never scored
     torch.testing.assert_close(lp_b[real], lp_a[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent_b[real], ent_a[real], atol=1e-5, rtol=1e-5)
-    assert (lp_b[~real] == 0).all()  # padding is never scored
     assert_same(grads(full), grads(chunked), atol=1e-5)
     logits_like = [s for s in saved_full if len(s) >= 2 and s[-1] == V]
     assert logits_like  # the full computation keeps (.., V) logits for the backward ...
@@ -138,6 +144,10 @@ def test_chunked_sequence_logps_and_sft_loss_equal_the_full_ones():
     b = next(iter(dm.train_dataloader()))
     full, chunked = twins(SFT, {}, {"logits_chunk_size": 16})
     (loss_a, m_a), (loss_b, m_b) = full.loss(b), chunked.loss(b)
+    with torch.no_grad():  # sft_loss on the full (B, T, V) logits
+        want, _ = sft_loss(full.policy(b["input_ids"][:, :-1], b["attention_mask"][:, :-1]), b["input_ids"][:, 1:],
+                           b["loss_mask"][:, 1:])
+    torch.testing.assert_close(loss_a, want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
     assert m_a["num_tokens"] == m_b["num_tokens"]
     loss_a.backward()

@@ -27,7 +27,7 @@ from alignlab.algorithms.nonfinite import NonFiniteError, NonFiniteGuard  # noqa
 from alignlab.algorithms.validation import GenerativeValidation, token_lists  # noqa: F401 (token_lists: re-exported)
 from alignlab.checkpoint import weights_digest
 from alignlab.data.tokenizer import load_tokenizer
-from alignlab.losses.lm import chunked_token_logps, entropy_from_logits, selective_log_softmax
+from alignlab.losses.lm import chunked_token_logps
 from alignlab.model.generate import GenerationOutput, generate
 from alignlab.model.hf import load_hf, save_hf
 from alignlab.model.lora import AdaptersOff, LoRAConfig, apply_lora, save_peft_adapter
@@ -106,9 +106,9 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
                 model/lora.py); the reference is then the policy with its adapters off. None = full fine-tuning.
             activation_checkpointing: recompute each Transformer block's activations in the backward instead of
                 keeping them (less memory, one more forward of the blocks).
-            logits_chunk_size: score tokens without the full (B, T, V) logits: the LM head runs on the scored
-                positions only, this many at a time (memory: chunk x vocabulary floats; e.g. 256 for a real
-                vocabulary). None = the full logits (the built-in 128-token vocabulary).
+            logits_chunk_size: the LM head runs on the scored positions only (always), this many at a time,
+                each chunk recomputed in the backward (memory: chunk x vocabulary floats; e.g. 256 for a real
+                vocabulary). None = all scored positions at once, their logits kept for the backward.
         """
         super().__init__()
         check(lr > 0, "lr", f"must be > 0, got {lr}")
@@ -233,30 +233,19 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
         rest = model(completion_ids[:, :-1], mask[:, :-1], cache=cache, return_hidden=hidden)  # tokens 1 .. C-1
         return torch.cat([last, rest], dim=1)
 
-    @property
-    def chunked_logits(self) -> bool:
-        return self.hparams.logits_chunk_size is not None
-
-    def token_logps(self, model, states, targets, mask, temperature: float = 1.0, with_entropy: bool = False,
+    def token_logps(self, model, hidden, targets, mask, temperature: float = 1.0, with_entropy: bool = False,
                     entropy_grad: bool = False):
         """Log-probs (B, T) of ``targets`` under softmax(logits / temperature) [, entropies (B, T)].
 
-        ``states`` are the logits (B, T, V), or with ``logits_chunk_size`` set the final hidden states (B, T, D):
-        then the LM head runs at the positions where ``mask`` is 1 only, ``logits_chunk_size`` of them at a
-        time (``chunked_token_logps``), no (B, T, V) tensor is made, and the other positions hold 0. The
-        entropies are detached unless ``entropy_grad``.
+        ``hidden`` are the final hidden states (B, T, D): the LM head runs at the positions where ``mask`` is 1
+        only (never at padding or prompt tokens), ``logits_chunk_size`` of them at a time if set
+        (``chunked_token_logps``: no (N, V) tensor is kept for the backward); the other positions hold 0.
+        The entropies are detached unless ``entropy_grad``.
         """
-        if not self.chunked_logits:
-            logits = states.float() / temperature
-            logps = selective_log_softmax(logits, targets)
-            if not with_entropy:
-                return logps
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                return logps, entropy_from_logits(logits)
         real = mask.bool()
-        logps, ent = chunked_token_logps(states[real], model.lm_head.weight, targets[real], temperature,
+        logps, ent = chunked_token_logps(hidden[real], model.lm_head.weight, targets[real], temperature,
                                          self.hparams.logits_chunk_size, with_entropy)
-        zeros = states.new_zeros(real.shape, dtype=torch.float32)
+        zeros = hidden.new_zeros(real.shape, dtype=torch.float32)
         logps = zeros.masked_scatter(real, logps)
         if not with_entropy:
             return logps
@@ -269,14 +258,13 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
         """Per-token log-probs of the completion under softmax(logits / temperature): (B, C) [, entropy].
         ``prompt_index``: see ``completion_states``; ``entropy_grad``: see ``token_logps``."""
         states = self.completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                        prompt_index, hidden=self.chunked_logits)
+                                        prompt_index, hidden=True)
         return self.token_logps(model, states, completion_ids, completion_mask, temperature, with_entropy,
                                 entropy_grad)
 
     def sequence_token_logps(self, model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
-        """Log-probs (B, T-1) of tokens 1.. of right-padded full sequences; only those where loss_mask is 1
-        are meaningful (with chunked logits the others are 0)."""
-        states = model(input_ids[:, :-1], attention_mask[:, :-1], return_hidden=self.chunked_logits)  # t -> t + 1
+        """Log-probs (B, T-1) of tokens 1.. of right-padded full sequences where loss_mask is 1 (0 elsewhere)."""
+        states = model(input_ids[:, :-1], attention_mask[:, :-1], return_hidden=True)  # t -> t + 1
         return self.token_logps(model, states, input_ids[:, 1:], loss_mask[:, 1:])
 
     def sequence_logps(self, model, input_ids, attention_mask, loss_mask) -> torch.Tensor:

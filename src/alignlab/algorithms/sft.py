@@ -2,15 +2,15 @@
 
     L = - 1/|C| * sum_{t in completion} log pi(y_t | prompt, y_<t)
 
-Prompt tokens are context, never targets (loss_mask marks the completion, including its EOS). With
-``logits_chunk_size`` set the log-probs come from the LM head at completion positions only, in chunks
-(``PolicyModule.token_logps``): the same loss as ``sft_loss`` on the full (B, T, V) logits (tested).
+Prompt tokens are context, never targets (loss_mask marks the completion, including its EOS). The log-probs
+come from the LM head at completion positions only (``PolicyModule.token_logps``; in chunks with
+``logits_chunk_size``): the same loss as ``sft_loss`` on the full (B, T, V) logits (tested).
 """
 
 from __future__ import annotations
 
 from alignlab.algorithms.base import PolicyModule
-from alignlab.losses.lm import masked_mean, sft_loss
+from alignlab.losses.lm import masked_mean
 
 
 class SFT(PolicyModule):
@@ -23,9 +23,6 @@ class SFT(PolicyModule):
     def loss(self, batch):
         """(mean -log p over completion tokens, {"loss", "num_tokens"})"""
         ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        if not self.chunked_logits:
-            logits = self.policy(ids[:, :-1], mask[:, :-1])  # position t predicts token t + 1
-            return sft_loss(logits, ids[:, 1:], loss_mask[:, 1:])
         keep = loss_mask[:, 1:].bool()
         loss = masked_mean(-self.sequence_token_logps(self.policy, ids, mask, loss_mask), keep)
         return loss, {"loss": loss.detach(), "num_tokens": keep.sum().detach()}

@@ -48,34 +48,39 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def _head_logps(hidden, weight, index, temperature: float, with_entropy: bool):
     """log-probs of index (and entropies) under softmax(hidden @ weight^T / temperature): (n,) fp32 each."""
-    logits = (hidden @ weight.T).float() / temperature  # (n, V)
+    logits = (hidden @ weight.T).float()  # (n, V)
+    if temperature != 1.0:  # x / 1 == x: skipped, not changed
+        logits = logits / temperature
     return selective_log_softmax(logits, index), entropy_from_logits(logits) if with_entropy else None
 
 
 def chunked_token_logps(
     hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, temperature: float = 1.0,
-    chunk_size: int = 1024, with_entropy: bool = False,
+    chunk_size: int | None = 1024, with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token log-probs (and entropies) of N positions, the LM head computed chunk_size rows at a time.
 
     log p(index_n) = z_n[index_n] - logsumexp(z_n),   z_n = hidden_n @ weight^T / temperature
 
     The caller passes only the positions it scores (e.g. the real completion tokens), so the V-wide logits
-    exist for those rows only, and for at most ``chunk_size`` of them at once. Under autograd each chunk is
-    recomputed in the backward (``torch.utils.checkpoint``): the graph keeps ``hidden``, never the (N, V)
-    logits, so the peak is one chunk's (chunk_size, V) logits and their gradient. Same values and gradients
-    as ``selective_log_softmax(hidden @ weight^T / temperature, index)`` (tested).
+    exist for those rows only. With ``chunk_size`` they exist for at most that many rows at once: under
+    autograd each chunk is recomputed in the backward (``torch.utils.checkpoint``), the graph keeps
+    ``hidden``, never the (N, V) logits, so the peak is one chunk's (chunk_size, V) logits and their
+    gradient. ``chunk_size=None``: one chunk, kept for the backward (no recomputation). Same values and
+    gradients as ``selective_log_softmax(hidden @ weight^T / temperature, index)`` (tested).
 
     Args:
         hidden: (N, C) final hidden states (after the last norm) at the positions that predict index.
         weight: (V, C) the LM head (the tied embedding, or lm_head.weight).
         index: (N,) token ids to score.
         temperature: logits are divided by it (the sampling temperature).
-        chunk_size: rows per LM-head computation.
+        chunk_size: rows per LM-head computation (None: all N at once).
         with_entropy: also return the entropy of each position's distribution (with gradients: PPO's bonus).
     Returns:
         (N,) log-probs in fp32, and (N,) fp32 entropies or None.
     """
+    if chunk_size is None:
+        return _head_logps(hidden, weight, index, temperature, with_entropy)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     parts = [checkpoint(_head_logps, h, weight, i, temperature, with_entropy, use_reentrant=False) if grad
              else _head_logps(h, weight, i, temperature, with_entropy)
