@@ -58,18 +58,30 @@ def test_starts_at_ln2_and_one_step_raises_chosen_over_rejected():
     assert loss1.item() < math.log(2) and metrics1["rewards/margins"].item() > 0
 
 
-def test_one_concatenated_forward_equals_two_separate_ones():
+def test_one_concatenated_forward_with_shared_prompts_equals_two_separate_full_ones():
+    """pair_logps: the B prompts once, then the 2B completions attending to them; the same log-probs and
+    gradients as a forward over each full chosen / rejected sequence."""
     m = tiny()
     batch = first_batch(datamodule("preference"))
     calls = []
-    hook = m.policy.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    hook = m.policy.register_forward_hook(lambda mod, args, out: calls.append(tuple(args[0].shape)))
     chosen, rejected = m.pair_logps(m.policy, batch)
     hook.remove()
     B = batch["chosen_input_ids"].shape[0]
-    assert calls == [2 * B]
-    with torch.no_grad():
-        c = m.sequence_logps(m.policy, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_loss_mask"])
-    torch.testing.assert_close(chosen.detach(), c, atol=1e-5, rtol=0)
+    C = batch["chosen_completion_ids"].shape[1]
+    assert calls == [tuple(batch["prompt_ids"].shape), (2 * B, C - 1)]  # prompts once, then the completions
+    (chosen.sum() - 0.5 * rejected.sum()).backward()
+    shared = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    c = m.sequence_logps(m.policy, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_loss_mask"])
+    r = m.sequence_logps(m.policy, batch["rejected_input_ids"], batch["rejected_attention_mask"],
+                         batch["rejected_loss_mask"])
+    (c.sum() - 0.5 * r.sum()).backward()
+    torch.testing.assert_close(chosen.detach(), c.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected.detach(), r.detach(), atol=1e-5, rtol=0)
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(shared[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_masks_respected():

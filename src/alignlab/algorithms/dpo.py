@@ -84,12 +84,17 @@ class DPO(PolicyModule):
 
     # ------------------------------------------------------------------------ log-probs
     def pair_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs of chosen and rejected, ONE forward over the 2B concatenated rows."""
-        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
-        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-        loss_mask = torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-        logps = self.sequence_logps(model, ids, mask, loss_mask)  # (2B,)
-        B = batch["chosen_input_ids"].shape[0]
+        """Summed completion log-probs of chosen and rejected: ONE forward over the 2B completions, in which
+        each pair's prompt is computed once and its keys/values shared by both completions
+        (``completion_states`` with a prompt index). The same values as ``sequence_logps`` of each full
+        sequence (tested)."""
+        B = batch["prompt_ids"].shape[0]
+        prompt_ids, prompt_mask = batch["prompt_ids"].repeat(2, 1), batch["prompt_mask"].repeat(2, 1)
+        ids = torch.cat([batch["chosen_completion_ids"], batch["rejected_completion_ids"]])  # (2B, C)
+        mask = torch.cat([batch["chosen_completion_mask"], batch["rejected_completion_mask"]])
+        prompt_index = torch.arange(B, device=ids.device).repeat(2)  # row b and row B + b share prompt b
+        logps = self.completion_logps(model, prompt_ids, prompt_mask, ids, mask, prompt_index=prompt_index)
+        logps = (logps * mask).sum(-1)  # (2B,)
         return logps[:B], logps[B:]
 
     def ref_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

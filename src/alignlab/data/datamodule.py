@@ -147,9 +147,12 @@ class Collator:
             chosen = [r["chosen_ids"] for r in rows]
             rejected = [r["rejected_ids"] for r in rows]
             T = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
-            for name, comps in (("chosen", chosen), ("rejected", rejected)):
+            both, both_mask = pad(chosen + rejected, self.pad_id, "right")  # the completions alone, one width
+            for i, (name, comps) in enumerate((("chosen", chosen), ("rejected", rejected))):
                 ids, mask, loss_mask = sequences(prompts, comps, self.pad_id, length=T)
                 batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"], batch[f"{name}_loss_mask"] = ids, mask, loss_mask
+                rows_i = slice(i * len(rows), (i + 1) * len(rows))
+                batch[f"{name}_completion_ids"], batch[f"{name}_completion_mask"] = both[rows_i], both_mask[rows_i]
             if "margin" in rows[0]:
                 batch["margin"] = torch.tensor([float(r.get("margin", 0.0)) for r in rows])
         for key in rows[0]:  # text and extra columns travel as lists
