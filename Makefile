@@ -61,7 +61,20 @@ bench: $(STAMP) ## benchmarks: generation vs transformers, training throughput a
 	$(PY) benchmarks/bench_grpo_trl.py --model 6m
 	$(PY) benchmarks/bench_grpo_trl.py --model 6m --bf16
 
-bench-real: $(MODEL) ## on SmolLM2-135M-Instruct: GRPO peak memory and s/step, full vs LoRA, +- activation checkpointing, fp32 vs bf16 (benchmarks/results/real_memory.json)
+BENCH_STAMP := .venv/.alignlab-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[bench]"
+	@touch $@
+
+REAL := models/smollm2-135m-instruct
+
+bench-real: $(MODEL) $(BENCH_STAMP) ## on SmolLM2-135M-Instruct, side by side: sampling vs transformers (+ roofline), GRPO (full, LoRA) and DPO steps vs TRL, SFT MFU, GRPO memory (benchmarks/results/*smollm2*.json, ~40 min)
+	$(PY) benchmarks/bench_generate.py --init-from $(REAL) --batch 32 --num-samples 8 --new-tokens 64 --repeats 3 --warmup 1 --out benchmarks/results/generate_smollm2.json
+	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --lr 1e-5 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 3 --out benchmarks/results/grpo_vs_trl_smollm2.json
+	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 3 --lora-r 16 --lr 1e-4 --out benchmarks/results/grpo_vs_trl_smollm2_lora16.json
+	$(PY) benchmarks/bench_dpo_trl.py --init-from $(REAL) --pairs-per-step 16 --out benchmarks/results/dpo_vs_trl_smollm2.json
+	$(PY) benchmarks/bench_train.py --init-from $(REAL)
 	$(PY) benchmarks/bench_real_memory.py
 
 ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}

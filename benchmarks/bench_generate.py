@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import cpu_model  # benchmarks/common.py (scripts run as python benchmarks/x.py)
+from common import cpu_model, matmul_peak, memory_bandwidth  # benchmarks/common.py (run as python benchmarks/x.py)
 
 from alignlab.model.generate import generate
 from alignlab.model.hf import load_hf, save_hf
@@ -43,6 +43,29 @@ def make_prompts(batch: int, max_len: int, vocab: int, pad: int, seed: int):
     ids = torch.randint(1, vocab, (batch, max_len), generator=g)
     mask = (torch.arange(max_len)[None, :] >= max_len - lengths[:, None]).long()  # left padding
     return ids.masked_fill(mask == 0, pad), mask
+
+
+def roofline_seconds(cfg: TransformerConfig, prompt_lengths: list[int], num_samples: int, new_tokens: int,
+                     peak_flops: float, bandwidth: float) -> dict:
+    """The least time the workload can take on this machine: each forward (the prefill, then one per new
+    token) takes at least max(its matmul FLOPs / the fp32 matmul peak, the bytes it must read / the memory
+    bandwidth). FLOPs: 2 per weight per token (the projections and the LM head) plus attention's
+    4 x heads x head_dim per (query, key) pair. Bytes: every fp32 weight once per forward, plus the keys and
+    values in the cache for every row."""
+    per_layer = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.dim * cfg.hidden_dim
+    weights = cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size
+    attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim  # FLOPs per (query, key) pair
+    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4  # per cached position per row
+    P, rows = max(prompt_lengths), len(prompt_lengths) * num_samples
+    prefill_tokens = sum(prompt_lengths)
+    steps = [(2 * cfg.n_layers * per_layer * prefill_tokens + 2 * cfg.dim * cfg.vocab_size * len(prompt_lengths)
+              + attn * sum(n * n for n in prompt_lengths) / 2, 4 * weights)]
+    for t in range(1, new_tokens):  # the forward that produces token t + 1 sees P + t keys
+        steps.append((rows * (2 * weights + attn * (P + t)), 4 * weights + rows * (P + t) * kv_bytes))
+    compute, memory = sum(f for f, _ in steps) / peak_flops, sum(b for _, b in steps) / bandwidth
+    bound = sum(max(f / peak_flops, b / bandwidth) for f, b in steps)
+    return {"seconds": bound, "matmul_seconds": compute, "memory_seconds": memory,
+            "gflop": sum(f for f, _ in steps) / 1e9, "gbytes": sum(b for _, b in steps) / 1e9}
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -145,6 +168,8 @@ def main(argv=None) -> dict:
         hf_t += timed(run_hf, 1)
     n_tokens = args.batch * G * args.new_tokens
     ours_tps, hf_tps = n_tokens / statistics.median(ours_t), n_tokens / statistics.median(hf_t)
+    peak, bandwidth = matmul_peak(), memory_bandwidth()
+    roof = roofline_seconds(cfg, mask.sum(-1).tolist(), G, args.new_tokens, peak, bandwidth)
 
     result = {
         "machine": {
@@ -178,13 +203,22 @@ def main(argv=None) -> dict:
         "ours_tokens_per_s": round(ours_tps, 1),
         "hf_tokens_per_s": round(hf_tps, 1),
         "speedup": round(ours_tps / hf_tps, 2),
+        "roofline": {
+            "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
+            "memory_bandwidth_gbytes_s": round(bandwidth / 1e9, 1),
+            **{k: round(v, 3) for k, v in roof.items()},
+            "ours_fraction": round(roof["seconds"] / statistics.median(ours_t), 3),
+            "hf_fraction": round(roof["seconds"] / statistics.median(hf_t), 3),
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"generate B={args.batch}x{G} new={args.new_tokens} threads={args.threads}: ours {ours_tps:,.0f} tok/s, "
-        f"transformers {hf_tps:,.0f} tok/s, speedup {ours_tps / hf_tps:.2f}x -> {out}"
+        f"transformers {hf_tps:,.0f} tok/s, speedup {ours_tps / hf_tps:.2f}x; roofline {roof['seconds']:.2f} s "
+        f"(ours at {result['roofline']['ours_fraction']:.0%} of it, transformers at "
+        f"{result['roofline']['hf_fraction']:.0%}) -> {out}"
     )
     return result
 

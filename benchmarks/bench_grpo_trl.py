@@ -59,12 +59,13 @@ except ImportError:
 
 import lightning as L
 import torch
-from common import cpu_model  # benchmarks/common.py (scripts run as python benchmarks/x.py)
+from common import StepTimes, cpu_model, quiet_trainer  # benchmarks/common.py (run as python benchmarks/x.py)
 
 from alignlab.algorithms import GRPO, SFT
 from alignlab.data.datamodule import AlignDataModule
+from alignlab.model.lora import LORA_TARGETS, LoRAConfig
 from alignlab.model.transformer import TransformerConfig
-from alignlab.rewards.rules import accuracy_reward
+from alignlab.rewards.rules import accuracy_reward, answer_accuracy_reward
 
 MODELS = {  # --model: architecture, SFT learning rate and default SFT steps
     # the laptop default (configs/algo/sft.yaml): small enough that per-operation overhead dominates
@@ -74,13 +75,10 @@ MODELS = {  # --model: architecture, SFT learning rate and default SFT steps
 }
 TASK = dict(task="addition", task_args={"min_digits": 1, "max_digits": 2, "scratchpad_prob": 0.5},
             max_prompt_length=16, max_completion_length=24)  # configs/base.yaml
-
-
-def quiet_trainer(max_steps: int, callbacks=(), precision: str = "32-true") -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision=precision, logger=False,
-                     enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, callbacks=list(callbacks))
+# --chat: the task of `make train ALGO=grpo RECIPE=smollm2` (configs/recipes/smollm2/grpo.yaml), for an instruct model
+CHAT_TASK = dict(task="addition", chat=True, answer_format="hash", task_args={"min_digits": 1, "max_digits": 2},
+                 max_prompt_length=96, max_completion_length=32)
+REWARDS = {False: accuracy_reward, True: answer_accuracy_reward}
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -99,53 +97,16 @@ def sft_export(out: Path, model: str, steps: int | None, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- timing
-class LightningSteps(L.Callback):
-    """Wall time at the end of every training step, and the step's batch-mean reward."""
-
-    def __init__(self):
-        self.ends, self.cpu, self.rewards, self.lengths = [time.perf_counter()], [time.process_time()], [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.ends.append(time.perf_counter())
-        self.cpu.append(time.process_time())
-        self.rewards.append(float(trainer.callback_metrics["train/reward"]))
-        self.lengths.append(float(trainer.callback_metrics["completions/mean_length"]))
-
-
-def make_trl_callback():
-    from transformers import TrainerCallback
-
-    class TRLSteps(TrainerCallback):
-        def __init__(self):
-            self.ends, self.cpu, self.rewards, self.lengths = [time.perf_counter()], [time.process_time()], [], []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                self.rewards.append(float(logs["reward"]))
-                self.lengths.append(float(logs["completions/mean_length"]))
-
-    return TRLSteps()
-
-
-def summary(steps, warmup: int, last_k: int) -> dict:
+def summary(steps: StepTimes, warmup: int, last_k: int) -> dict:
     """Per-step wall (and process CPU) seconds, steps/s over the timed steps, rewards."""
-    secs = [b - a for a, b in zip(steps.ends[:-1], steps.ends[1:])]
-    cpu = [b - a for a, b in zip(steps.cpu[:-1], steps.cpu[1:])]
-    timed, rewards = secs[warmup:], steps.rewards
+    out = steps.summary(warmup)
+    rewards, lengths = steps.values[steps.keys[0]], steps.values[steps.keys[1]]
     return {
-        "step_seconds": [round(s, 4) for s in secs],
-        "step_cpu_seconds": [round(s, 4) for s in cpu],
-        "median_step_s": round(statistics.median(timed), 4),
-        "steps_per_s": round(len(timed) / sum(timed), 4),
-        "median_step_cpu_s": round(statistics.median(cpu[warmup:]), 4),
+        **{k: out[k] for k in ("step_seconds", "step_cpu_seconds", "median_step_s", "steps_per_s", "median_step_cpu_s")},
         "rewards": [round(r, 4) for r in rewards],
         f"mean_reward_last_{last_k}": round(statistics.mean(rewards[-last_k:]), 4),
         "mean_reward_first_5": round(statistics.mean(rewards[:5]), 4),
-        "mean_completion_length": [round(x, 2) for x in steps.lengths],
+        "mean_completion_length": [round(x, 2) for x in lengths],
     }
 
 
@@ -155,12 +116,13 @@ def run_ours(model_dir: str, cfg: dict, dm: AlignDataModule, max_steps: int) -> 
     module = GRPO(init_from=model_dir, num_generations=cfg["num_generations"], max_new_tokens=cfg["max_completion_length"],
                   temperature=cfg["temperature"], beta=cfg["beta"], epsilon=cfg["epsilon"], kl_estimator="k3",
                   scale_rewards="group", loss_agg_mode="seq-mean-token-mean", num_iterations=1, minibatches=1,
-                  reward_funcs=["alignlab.rewards.rules.accuracy_reward"], lr=cfg["learning_rate"], warmup_steps=0,
+                  reward_funcs=[f"alignlab.rewards.rules.{REWARDS[cfg['chat']].__name__}"], lr=cfg["learning_rate"], warmup_steps=0,
                   lr_schedule="constant", weight_decay=0.0, max_grad_norm=1.0, sampling_seed=cfg["seed"],
-                  micro_batch_size=cfg["ours_micro_batch_size"])
-    steps = LightningSteps()
+                  micro_batch_size=cfg["ours_micro_batch_size"],
+                  lora=LoRAConfig(r=cfg["lora_r"], alpha=2.0 * cfg["lora_r"]) if cfg["lora_r"] else None)
+    steps = StepTimes("train/reward", "completions/mean_length")
     load = os.getloadavg()[0]
-    steps.ends, steps.cpu = [time.perf_counter()], [time.process_time()]
+    steps.start()
     quiet_trainer(max_steps, [steps], "bf16-mixed" if cfg["bf16"] else "32-true").fit(module, dm)
     return steps, {"load_avg_1min_before": round(load, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2)}
 
@@ -188,12 +150,19 @@ def run_trl(model_dir: str, cfg: dict, rows: list[dict], max_steps: int, out_dir
         save_strategy="no", eval_strategy="no", disable_tqdm=True, log_completions=False,
         dataloader_num_workers=0, remove_unused_columns=False,
     )
-    steps = make_trl_callback()
-    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_list(rows), callbacks=[steps])
+    steps = StepTimes("reward", "completions/mean_length")
+    peft_config = None
+    if cfg["lora_r"]:  # the same adapters as ours: every projection, alpha = 2 r, no dropout
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], lora_dropout=0.0,
+                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model, reward_funcs=[REWARDS[cfg["chat"]]], args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_list(rows), callbacks=[steps.hf_callback()],
+                          peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)  # it prints every step's log dict
     load = os.getloadavg()[0]
-    steps.ends, steps.cpu = [time.perf_counter()], [time.process_time()]
+    steps.start()
     trainer.train()
     return steps, {
         "load_avg_1min_before": round(load, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2),
@@ -224,6 +193,10 @@ def main(argv=None) -> dict:
                    help="ours only: completions per forward/backward (0 = one pass); the same update")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="both sides in bf16 mixed precision (autocast; fp32 weights)")
+    p.add_argument("--chat", action="store_true",
+                   help="the chat-format task and answer_accuracy_reward of the SmolLM2 recipe (for an instruct model)")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="LoRA of rank r on every projection (alpha 2r) on both sides (0 = full fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only (profiling)")
     args = p.parse_args(argv)
@@ -241,7 +214,8 @@ def main(argv=None) -> dict:
     cfg = {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
            "max_completion_length": args.max_completion_length, "temperature": args.temperature,
            "beta": args.beta, "epsilon": args.epsilon, "learning_rate": args.lr, "seed": args.seed,
-           "ours_micro_batch_size": args.micro_batch_size or None, "bf16": args.bf16}
+           "ours_micro_batch_size": args.micro_batch_size or None, "bf16": args.bf16,
+           "lora_r": args.lora_r, "chat": args.chat}
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.init_from is not None:
@@ -253,7 +227,8 @@ def main(argv=None) -> dict:
 
         # the prompts of every step, in the order our DataLoader serves them (same seed -> same order again)
         dm = AlignDataModule(kind="prompt", tokenizer=model_dir, batch_size=args.prompts_per_step,
-                             num_train=max(1000, max_steps * args.prompts_per_step), num_val=1, **TASK)
+                             num_train=max(1000, max_steps * args.prompts_per_step), num_val=1,
+                             **(CHAT_TASK if args.chat else TASK))
         dm.setup("fit")
         rows = []
         for i, batch in zip(range(max_steps), dm.train_dataloader()):
@@ -286,7 +261,8 @@ def main(argv=None) -> dict:
                    "kl_estimator": "k3", "scale_rewards": "group", "loss": "seq-mean-token-mean (TRL loss_type=grpo)",
                    "lr_schedule": "constant", "adam_betas": [0.9, 0.95], "max_grad_norm": 1.0,
                    "precision": "bf16 autocast, fp32 weights" if args.bf16 else "fp32",
-                   "reward": "alignlab.rewards.rules.accuracy_reward", "task": TASK},
+                   "reward": f"alignlab.rewards.rules.{REWARDS[args.chat].__name__}",
+                   "task": CHAT_TASK if args.chat else TASK},
         **results,
     }
     if "ours" in results and "trl" in results:
@@ -308,7 +284,8 @@ def main(argv=None) -> dict:
               f"runs of {args.steps} timed steps after {args.warmup} warm-up, {args.prompts_per_step}x{args.num_generations} completions/step, "
               f"{args.threads} threads); run by run {result['speedup_paired']['all']}, "
               f"median {result['speedup_paired']['median']:.2f}x")
-    out = Path(args.out or f"benchmarks/results/grpo_vs_trl_{args.model}{'_bf16' if args.bf16 else ''}.json")
+    out = Path(args.out or f"benchmarks/results/grpo_vs_trl_{args.model}{'_bf16' if args.bf16 else ''}"
+                           f"{f'_lora{args.lora_r}' if args.lora_r else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")

@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import cpu_model  # benchmarks/common.py (scripts run as python benchmarks/x.py)
+from common import cpu_model, matmul_peak, seconds  # benchmarks/common.py (run as python benchmarks/x.py)
 
 from alignlab.algorithms import SFT
 from alignlab.model.transformer import TransformerConfig
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_time(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best
-
-
-def _time(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def model_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
@@ -41,9 +28,9 @@ def model_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
 
 
-def bench(cfg: TransformerConfig, batch: int, seq_len: int, steps: int) -> dict:
+def bench(cfg: TransformerConfig, batch: int, seq_len: int, steps: int, init_from: str | None = None) -> dict:
     torch.manual_seed(0)
-    module = SFT(arch=cfg, lr=1e-4)
+    module = SFT(init_from=init_from, lr=1e-4) if init_from else SFT(arch=cfg, lr=1e-4)
     opt = torch.optim.AdamW(module.policy.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
     ids = torch.randint(4, cfg.vocab_size, (batch, seq_len + 1))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
@@ -57,7 +44,7 @@ def bench(cfg: TransformerConfig, batch: int, seq_len: int, steps: int) -> dict:
 
     for _ in range(3):
         step()
-    times = [_time(step) for _ in range(steps)]
+    times = [seconds(step) for _ in range(steps)]
     t = statistics.median(times)
     tokens = batch * seq_len
     return {"batch": batch, "seq_len": seq_len, "step_s": t, "tokens_per_s": tokens / t,
@@ -68,17 +55,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--out", default="benchmarks/results/train.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/train[_smollm2].json")
+    ap.add_argument("--init-from", default=None, help="a local HF Llama/Qwen directory (default: a 4.9M model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TransformerConfig(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=512)
+    load_before = os.getloadavg()[0]
+    if args.init_from:
+        from alignlab.model.hf import load_hf
+
+        cfg, shapes = load_hf(args.init_from).config, ((16, 64), (8, 128), (4, 256))
+    else:
+        cfg, shapes = TransformerConfig(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=512), \
+            ((64, 16), (16, 128), (8, 512))
     peak = matmul_peak()
-    runs = [bench(cfg, b, t, args.steps) for b, t in ((64, 16), (16, 128), (8, 512))]
+    runs = [bench(cfg, b, t, args.steps, args.init_from) for b, t in shapes]
     for r in runs:
         r["mfu"] = r["model_flops_per_s"] / peak
     params = sum(p.numel() for p in SFT(arch=cfg).policy.parameters())
     out = {"torch": torch.__version__, "threads": args.threads, "cpu": cpu_model(), "params": params,
-           "fp32_matmul_peak_flops": peak, "runs": runs}
+           "init_from": args.init_from, "fp32_matmul_peak_flops": peak,
+           "load_avg_1min_before": round(load_before, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2),
+           "runs": runs}
+    args.out = args.out or f"benchmarks/results/train{'_smollm2' if args.init_from else ''}.json"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s on {args.threads} threads; model {params / 1e6:.2f}M params")
