@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 try:
@@ -42,7 +41,7 @@ except ImportError:
 
 import lightning as L
 import torch
-from common import StepTimes, cpu_model, quiet_trainer  # benchmarks/common.py
+from common import StepTimes, cpu_model, median_runs, quiet_libraries, quiet_trainer  # benchmarks/common.py
 
 from alignlab.algorithms import DPO
 from alignlab.data.datamodule import AlignDataModule
@@ -106,11 +105,7 @@ def main(argv=None) -> dict:
 
     import transformers
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    quiet_libraries(args.threads)
     max_steps = args.warmup + args.steps
     cfg = {"pairs_per_step": args.pairs_per_step, "beta": args.beta, "learning_rate": args.lr, "seed": args.seed}
 
@@ -138,10 +133,7 @@ def main(argv=None) -> dict:
                 run = {**steps.summary(args.warmup), **load}
                 results.setdefault(side, {"repeats": []})["repeats"].append(run)
                 print(f"{side:5} run {rep + 1}/{args.repeats}: {run['steps_per_s']:.3f} steps/s", flush=True)
-    for r in results.values():
-        runs_sorted = sorted(r["repeats"], key=lambda x: x["steps_per_s"])
-        r.update(runs_sorted[len(runs_sorted) // 2])
-        r["steps_per_s_all"] = [x["steps_per_s"] for x in r["repeats"]]
+    median_runs(results)
 
     result = {
         "machine": {"cpu": cpu_model(), "platform": platform.platform(), "python": sys.version.split()[0],

@@ -48,7 +48,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 try:
@@ -59,7 +58,7 @@ except ImportError:
 
 import lightning as L
 import torch
-from common import StepTimes, cpu_model, quiet_trainer  # benchmarks/common.py (run as python benchmarks/x.py)
+from common import StepTimes, cpu_model, median_runs, quiet_libraries, quiet_trainer  # benchmarks/common.py (run as python benchmarks/x.py)
 
 from alignlab.algorithms import GRPO, SFT
 from alignlab.data.datamodule import AlignDataModule
@@ -205,11 +204,7 @@ def main(argv=None) -> dict:
 
     import transformers
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    quiet_libraries(args.threads)
     max_steps = args.warmup + args.steps
     cfg = {"prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
            "max_completion_length": args.max_completion_length, "temperature": args.temperature,
@@ -244,10 +239,7 @@ def main(argv=None) -> dict:
                 run = {**summary(steps, args.warmup, args.last_k), **load}
                 results.setdefault(side, {"repeats": []})["repeats"].append(run)
                 print(f"{side:5} run {rep + 1}/{args.repeats}: {run['steps_per_s']:.3f} steps/s", flush=True)
-        for side, r in results.items():  # the median run's numbers; every run is kept under "repeats"
-            runs_sorted = sorted(r["repeats"], key=lambda x: x["steps_per_s"])
-            r.update(runs_sorted[len(runs_sorted) // 2])
-            r["steps_per_s_all"] = [x["steps_per_s"] for x in r["repeats"]]
+        median_runs(results)  # the median run's numbers; every run is kept under "repeats"
 
     result = {
         "machine": {

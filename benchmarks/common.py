@@ -48,6 +48,29 @@ def seconds(fn) -> float:
     return time.perf_counter() - t
 
 
+def quiet_libraries(threads: int) -> None:
+    """No progress bars, warnings or tokenizer threads from the libraries; ``threads`` torch threads."""
+    import os
+    import warnings
+
+    import torch
+    import transformers
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+
+
+def median_runs(results: dict[str, dict]) -> None:
+    """Each side's median run (by steps/s) is its result; every run stays under "repeats"."""
+    for r in results.values():
+        runs_sorted = sorted(r["repeats"], key=lambda x: x["steps_per_s"])
+        r.update(runs_sorted[len(runs_sorted) // 2])
+        r["steps_per_s_all"] = [x["steps_per_s"] for x in r["repeats"]]
+
+
 def quiet_trainer(max_steps: int, callbacks=(), precision: str = "32-true") -> L.Trainer:
     """A Lightning Trainer on one CPU that only trains: no logger, checkpoints, progress bar or validation."""
     return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, precision=precision, logger=False,
