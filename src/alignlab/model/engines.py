@@ -129,7 +129,10 @@ class VLLMEngine:
         rss = psutil.Process().memory_info().rss
         kwargs = dict(model=self.directory, dtype=c.dtype, enforce_eager=c.enforce_eager, seed=0,
                       logprobs_mode="processed_logprobs", skip_tokenizer_init=True, generation_config="vllm",
-                      tensor_parallel_size=c.tensor_parallel_size, max_model_len=c.max_model_len)
+                      tensor_parallel_size=c.tensor_parallel_size, max_model_len=c.max_model_len,
+                      # whole prompts only: a prompt split over two steps rewinds its seeded generator by an
+                      # offset, which CPU generators do not have (vLLM 0.32: "CPU Generator does not use offset")
+                      enable_chunked_prefill=False)
         if c.kv_cache_memory_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(c.kv_cache_memory_gb * 2**30)
         if torch.cuda.is_available():
