@@ -116,9 +116,13 @@ def part(engine: str, dtype: str, args) -> dict:
     if engine == "vllm":  # the mismatch, as GRPO's prepare measures it
         r = m.rollout(many)
         m.prepare(r)
+        from alignlab.losses.policy import truncated_importance_weights
         out["mismatch"] = {"completions": len(r), "tokens": int(r.completion_mask.sum()),
                            "logp_difference_mean": float(r.stats["sampling/logp_difference/mean"]),
                            "logp_difference_max": float(r.stats["sampling/logp_difference/max"])}
+        for level in ("token", "sequence"):  # what the correction would weigh these samples by (cap 3)
+            _, w = truncated_importance_weights(r.logp_old, r.sampler_logp, r.completion_mask, level, 3.0)
+            out["mismatch"][f"{level}_is_weight"] = {k.rsplit("/", 1)[1]: round(float(v), 4) for k, v in w.items()}
     return out
 
 
