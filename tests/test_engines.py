@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from alignlab.algorithms import GRPO, PPO
+from alignlab.algorithms import DAPO, GRPO, PPO
 from alignlab.cli import main
 from alignlab.model.engines import AlignlabEngine, VLLMConfig, vllm_available
 from conftest import datamodule, fit, tiny_arch
@@ -136,6 +136,22 @@ def test_the_correction_runs_through_training_steps_and_logs():
                 "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
                 "sampling/importance_sampling_ratio/max", "train/loss"):
         assert key in m and math.isfinite(float(m[key])), key
+
+
+def test_dapo_dynamic_sampling_keeps_the_sampler_log_probs_of_the_groups_it_keeps():
+    from test_dapo import record_rollouts
+    module = DAPO(arch=tiny_arch(), num_generations=4, reward_funcs=["test_dapo.mixed_if_even"],
+                  overlong_buffer_len=0, max_gen_rounds=20, rollout_correction="token_tis")
+    module.engine = ShiftedEngine(module)
+    seen = record_rollouts(module)
+    trainer = fit(module, datamodule("prompt", batch_size=8), max_steps=1)
+    r = seen[0]
+    assert float(trainer.callback_metrics["train/gen_rounds"]) >= 2  # rows of several rounds, concatenated
+    real = r.completion_mask.bool()
+    torch.testing.assert_close((r.logp_old - r.sampler_logp)[real], torch.full_like(r.logp_old[real], SHIFT),
+                               atol=1e-5, rtol=0)  # each kept row with its own sampler log-probs
+    assert (r.sampler_logp[~real] == 0).all()
+    assert float(trainer.callback_metrics["sampling/logp_difference/mean"]) == pytest.approx(SHIFT, abs=1e-5)
 
 
 @pytest.mark.parametrize("kw, name", [({"rollout_engine": "sglang"}, "rollout_engine"),
