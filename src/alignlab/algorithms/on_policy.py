@@ -2,7 +2,8 @@
 
 One ``training_step`` is one iteration of, in the order the papers write it,
 
-    1. rollout     repeat each prompt G times and sample completions on the KV cache        (no grad)
+    1. rollout     repeat each prompt G times and sample completions with the rollout engine (no grad)
+                   (alignlab's sampler on the KV cache, or vLLM: model/engines.py)
     2. score       reward functions -> one scalar reward per completion                       (no grad)
     3. prepare     what stays fixed during the updates: pi_old's and pi_ref's log-probs,      (no grad)
                    PPO's rollout-time values
@@ -369,9 +370,7 @@ class OnPolicyModule(PolicyModule):
             return
         mask = r.completion_mask
         r.stats.update({f"sampling/{k}": v for k, v in logp_difference(r.logp_old, r.sampler_logp, mask).items()})
-        if self.engine.name == "vllm":
-            r.stats["sampling/engine_memory_mb"] = torch.tensor(self.engine.memory_mb)
-            r.stats["sampling/weight_sync_s"] = torch.tensor(self.engine.last_sync_s)
+        r.stats.update({f"sampling/{k}": torch.tensor(float(v)) for k, v in self.engine.stats().items()})
         if self.rollout_correction != "none":
             level = self.rollout_correction.removesuffix("_tis")
             r.is_weights, m = truncated_importance_weights(r.logp_old, r.sampler_logp, mask, level,

@@ -99,6 +99,9 @@ class AlignlabEngine:
     def maybe_sync(self, step: int) -> bool:
         return False  # samples with the policy itself
 
+    def stats(self) -> dict[str, float]:
+        return {}
+
 
 class VLLMEngine:
     """A vLLM ``LLM`` in this process on ``directory``'s checkpoint, its weights replaced by the policy's
@@ -168,6 +171,10 @@ class VLLMEngine:
             self.synced_step = step
             return True
         return False
+
+    def stats(self) -> dict[str, float]:
+        """Logged under ``sampling/`` with each rollout."""
+        return {"engine_memory_mb": self.memory_mb, "weight_sync_s": self.last_sync_s}
 
     # ------------------------------------------------------------------------------ sampling
     def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
