@@ -187,3 +187,10 @@ def test_the_engine_config_parses_with_the_recipe(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert printed["rollout_engine"] == "vllm" and printed["rollout_correction"] == "token_tis"
     assert printed["vllm"]["dtype"] == "float32"
+
+
+def test_the_vllm_options_survive_a_weights_only_checkpoint_load(tmp_path):
+    """Checkpoints hold the hyper-parameters (model.vllm included) and are loaded with weights_only=True."""
+    cfg = VLLMConfig(dtype="bfloat16", kv_cache_memory_gb=2.0)
+    torch.save({"hyper_parameters": {"vllm": cfg}}, tmp_path / "c.ckpt")
+    assert torch.load(tmp_path / "c.ckpt", weights_only=True)["hyper_parameters"]["vllm"] == cfg
