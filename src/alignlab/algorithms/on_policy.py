@@ -2,7 +2,8 @@
 
 One ``training_step`` is one iteration of, in the order the papers write it,
 
-    1. rollout     repeat each prompt G times and sample completions on the KV cache        (no grad)
+    1. rollout     repeat each prompt G times and sample completions with the rollout engine (no grad)
+                   (alignlab's sampler on the KV cache, or vLLM: model/engines.py)
     2. score       reward functions -> one scalar reward per completion                       (no grad)
     3. prepare     what stays fixed during the updates: pi_old's and pi_ref's log-probs,      (no grad)
                    PPO's rollout-time values
@@ -30,11 +31,14 @@ size because DDP averages gradients: the update is then exactly the full-batch u
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 
 from alignlab.algorithms.base import PolicyModule, check, resolve_callable
 from alignlab.algorithms.validation import token_lists
+from alignlab.losses.policy import ROLLOUT_CORRECTIONS, logp_difference, truncated_importance_weights
+from alignlab.model.engines import VLLM_MISSING, VLLMConfig, make_engine, vllm_available
 
 
 # ----------------------------------------------------------------------------------- the rollout
@@ -54,7 +58,10 @@ class Rollout:
     rewards: torch.Tensor | None = None  # (N,) weighted sum of the reward functions
     rewards_per_func: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) raw values
     advantages: torch.Tensor | None = None  # (N,) or (N, C)
-    logp_old: torch.Tensor | None = None  # (N, C), only when the policy moves before the last update
+    sampler_logp: torch.Tensor | None = None  # (N, C) the rollout engine's log-probs of the drawn tokens
+    logp_old: torch.Tensor | None = None  # (N, C) the trainer's, when the policy moves before the last update
+    #                                       or the engine is not exact (``prepare``)
+    is_weights: torch.Tensor | None = None  # (N, C) truncated importance weights (``model.rollout_correction``)
     ref_logp: torch.Tensor | None = None  # (N, C), only with a reference model
     loss_mask: torch.Tensor | None = None  # (N, C) tokens that carry loss (default: completion_mask)
     values: torch.Tensor | None = None  # (N, C) PPO: the critic's values at rollout time
@@ -157,6 +164,11 @@ class OnPolicyModule(PolicyModule):
         minibatches: int = 1,
         micro_batch_size: int | None = None,
         log_completions_every_n_steps: int = 10,
+        rollout_engine: Literal["alignlab", "vllm"] = "alignlab",
+        rollout_sync_every: int = 1,
+        vllm: VLLMConfig | None = None,
+        rollout_correction: Literal["none", "token_tis", "sequence_tis"] = "none",
+        rollout_correction_cap: float = 3.0,
         **kwargs,
     ):
         """
@@ -174,6 +186,18 @@ class OnPolicyModule(PolicyModule):
                 micro-batches, a group's completions kept together, whose gradients add up to the same update
                 (less memory; the fixed log-probs of ``prepare`` use the same chunks).
             log_completions_every_n_steps: write sample completions with rewards to TensorBoard every n steps.
+            rollout_engine: what samples the rollouts: ``alignlab`` (the hand-written sampler, exact) or ``vllm``
+                (a colocated vLLM engine on ``init_from``, weights synced in memory; ``make vllm``,
+                docs/vllm.md). Validation always samples with alignlab's.
+            rollout_sync_every: the engine receives the policy's weights before a rollout once the policy has
+                taken this many optimizer steps since the last sync (1 = always current; k > 1 samples with
+                weights up to k - 1 steps old, which the measured difference and the correction then see).
+            vllm: options of the vLLM engine (``{dtype, kv_cache_memory_gb, gpu_memory_utilization,
+                tensor_parallel_size, max_model_len, enforce_eager}``, see model/engines.py).
+            rollout_correction: none | token_tis | sequence_tis: multiply each token's policy loss by the
+                truncated importance weight min(pi_old / pi_sampler, cap) of its token, or of its whole sequence
+                (``losses.policy.truncated_importance_weights``). pi_old is then the trainer's.
+            rollout_correction_cap: the truncation C of the importance weights (TRL's default, 3.0).
         """
         super().__init__(**kwargs)
         check(num_generations >= 1, "num_generations", f"must be >= 1, got {num_generations}")
@@ -196,6 +220,22 @@ class OnPolicyModule(PolicyModule):
         self.reward_paths = reward_funcs
         self.reward_fns = [resolve_callable(p, "reward_funcs") for p in reward_funcs]
         self.reward_weights = [float(w) for w in reward_weights]
+        check(rollout_engine in ("alignlab", "vllm"), "rollout_engine",
+              f"must be alignlab|vllm, got {rollout_engine!r}")
+        check(rollout_sync_every >= 1, "rollout_sync_every", f"must be >= 1, got {rollout_sync_every}")
+        check(rollout_correction in ROLLOUT_CORRECTIONS, "rollout_correction",
+              f"must be {'|'.join(ROLLOUT_CORRECTIONS)}, got {rollout_correction!r}")
+        check(rollout_correction_cap > 0, "rollout_correction_cap", f"must be > 0, got {rollout_correction_cap}")
+        if isinstance(vllm, dict):  # hyper-parameters read back from a checkpoint, or a plain dict
+            vllm = VLLMConfig(**vllm)
+        for key, message in (vllm.errors() if vllm is not None else []):
+            check(False, f"vllm.{key}", message)
+        if rollout_engine == "vllm":
+            check(vllm_available(), "rollout_engine", VLLM_MISSING.removeprefix("model.rollout_engine: "))
+            check(self.hparams.init_from is not None, "rollout_engine",
+                  "vllm loads the policy from a local HF directory: set model.init_from")
+        self.rollout_correction, self.rollout_correction_cap = rollout_correction, rollout_correction_cap
+        self.engine = make_engine(self, rollout_engine, self.hparams.init_from, vllm, rollout_sync_every)
         self.micro_batch_size = micro_batch_size
         self.automatic_optimization = False
         self.rollout_skipped = False  # was the last rollout dropped for non-finite rewards?
@@ -253,8 +293,9 @@ class OnPolicyModule(PolicyModule):
     def rollout(self, batch: dict) -> Rollout:
         """Repeat each prompt G times (groups are consecutive) and sample one completion per row."""
         G, h = self.hparams.num_generations, self.hparams
-        out = self.generate(batch["prompt_ids"], batch["prompt_mask"], h.max_new_tokens, temperature=h.temperature,
-                            top_k=h.top_k, top_p=h.top_p, num_samples=G)  # each prompt prefilled once
+        self.engine.maybe_sync(self.global_step)  # the engine's weights are the policy's (or k - 1 steps old)
+        out = self.engine.generate(batch["prompt_ids"], batch["prompt_mask"], h.max_new_tokens,
+                                   temperature=h.temperature, top_k=h.top_k, top_p=h.top_p, num_samples=G)
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)
         skip = {"prompt_ids", "prompt_mask", "prompt"}
@@ -263,7 +304,7 @@ class OnPolicyModule(PolicyModule):
         return Rollout(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask,
             completion_ids=out.completion_ids, completion_mask=out.completion_mask, truncated=out.truncated,
-            prompts=[p for p in batch["prompt"] for _ in range(G)],
+            sampler_logp=out.logprobs, prompts=[p for p in batch["prompt"] for _ in range(G)],
             prompt_index=torch.arange(len(batch["prompt"]), device=prompt_ids.device).repeat_interleave(G),
             completions=self.decode(out.completion_ids, out.completion_mask),
             columns=columns,
@@ -304,13 +345,37 @@ class OnPolicyModule(PolicyModule):
         """Does the policy change before the last update on this rollout? Then logp_old must be stored."""
         return self.hparams.num_iterations > 1 or self.hparams.minibatches > 1
 
+    def trainer_logp_old(self) -> bool:
+        """Must pi_old's log-probs be computed by the trainer? When the policy moves before the last update,
+        or the sampler's are not the trainer's (an engine that is not exact), or the correction needs them."""
+        return self.reuses_rollout() or not self.engine.exact or self.rollout_correction != "none"
+
     @torch.no_grad()
     def prepare(self, r: Rollout) -> None:
-        """What stays constant during the updates: pi_old's log-probs when the policy moves before the last
-        update (else ``logp.detach()`` IS pi_old). Subclasses add the reference's (GRPO), the values (PPO)."""
+        """What stays constant during the updates: pi_old's log-probs when ``trainer_logp_old`` (else
+        ``logp.detach()`` IS pi_old), then the rollout correction. Subclasses add the reference's (GRPO), the
+        values (PPO)."""
         r.loss_mask = r.completion_mask if r.loss_mask is None else r.loss_mask
-        if self.reuses_rollout():
+        if self.trainer_logp_old():
             r.logp_old = self.logps_no_grad(self.policy, r)
+        self.correct_rollout(r)
+
+    @torch.no_grad()
+    def correct_rollout(self, r: Rollout) -> None:
+        """The sampler/trainer mismatch, measured (``sampling/logp_difference/{mean,max}``, real tokens only)
+        when the sampler is not the trainer's, and with ``rollout_correction`` the truncated importance weights
+        min(exp(logp_old - logp_sampler), cap) per token or per sequence (``r.is_weights``, multiplied into
+        the policy loss by ``compute_loss``). One implementation for every engine and on-policy trainer."""
+        if r.logp_old is None or r.sampler_logp is None or (self.engine.exact and self.rollout_correction == "none"):
+            return
+        mask = r.completion_mask
+        r.stats.update({f"sampling/{k}": v for k, v in logp_difference(r.logp_old, r.sampler_logp, mask).items()})
+        r.stats.update({f"sampling/{k}": torch.tensor(float(v)) for k, v in self.engine.stats().items()})
+        if self.rollout_correction != "none":
+            level = self.rollout_correction.removesuffix("_tis")
+            r.is_weights, m = truncated_importance_weights(r.logp_old, r.sampler_logp, mask, level,
+                                                           self.rollout_correction_cap)
+            r.stats.update({f"sampling/{k}": v for k, v in m.items()})
 
     def row_chunks(self, r: Rollout, size: int | None) -> list[torch.Tensor]:
         """Row indices in chunks of ``size`` (None = one chunk), a group's rows together so that they share
@@ -418,7 +483,7 @@ class OnPolicyModule(PolicyModule):
                          prog_bar=k in self.prog_bar_metrics, batch_size=batch_size, sync_dist=self.world_size > 1)
 
     # a statistic named "<group>/..." for these groups is logged as it is; any other name as "train/<name>"
-    metric_groups: tuple[str, ...] = ("train", "rewards", "completions")
+    metric_groups: tuple[str, ...] = ("train", "rewards", "completions", "sampling")
 
     def log_rollout(self, r: Rollout) -> None:
         """self.log the rollout's metrics and ``r.stats``; every n steps, a table of sample completions."""

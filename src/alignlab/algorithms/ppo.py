@@ -243,6 +243,7 @@ class PPO(OnPolicyModule):
         """pi_old's log-probs (the ratio's denominator in every update), pi_ref's, and V_t at rollout time."""
         r.loss_mask = r.completion_mask
         r.logp_old = self.logps_no_grad(self.policy, r)
+        self.correct_rollout(r)  # the sampler/trainer mismatch, and the importance weights if asked
         r.ref_logp = self.logps_no_grad(self.ref, r)
         self.critic.eval()
         r.values = self.critic_values(self.critic, r.prompt_ids, r.prompt_mask, r.completion_ids,
@@ -302,6 +303,8 @@ class PPO(OnPolicyModule):
                                               prompt_index=mb.prompt_index, entropy_grad=h.entropy_coef > 0)
         pg_per_token, pm = clipped_surrogate(logp, mb.logp_old, mb.advantages, mask, eps_low=h.epsilon,
                                              eps_high=h.epsilon_high, dual_clip=h.dual_clip)
+        if mb.is_weights is not None:  # truncated importance sampling: the sampler was not pi_old
+            pg_per_token = pg_per_token * mb.is_weights
         pg_loss = token_mean(pg_per_token)
         loss = pg_loss + h.vf_coef * vf_loss
         if h.entropy_coef > 0:

@@ -7,6 +7,8 @@ Pure functions of tensors; they import only torch. Shapes: B completions, T comp
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from alignlab.losses.lm import masked_mean, masked_sum
@@ -190,3 +192,73 @@ def clipped_value_loss(
     per_token_loss = torch.where(mask.bool(), per_token_loss, torch.zeros_like(per_token_loss))
     clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask).detach()
     return per_token_loss, {"vf_clipfrac": clipfrac}
+
+
+ROLLOUT_CORRECTIONS = ("none", "token_tis", "sequence_tis")
+
+
+def logp_difference(logp_old: torch.Tensor, logp_sampler: torch.Tensor, mask: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """How far the sampler's log-probs are from the trainer's, on the real tokens only.
+
+        d_t = |logp_old_t - logp_sampler_t|        mean and max over the tokens where mask is 1
+
+    Args:
+        logp_old: (B, T) the trainer's log-probs of the sampled tokens (pi_old, recomputed).
+        logp_sampler: (B, T) the log-probs the rollout engine reported when it drew them.
+        mask: (B, T) completion mask.
+    Returns:
+        {"logp_difference/mean", "logp_difference/max"} (0 without any real token).
+    """
+    d = (logp_old - logp_sampler).abs()[mask.bool()]
+    if d.numel() == 0:
+        zero = logp_old.new_zeros(())
+        return {"logp_difference/mean": zero, "logp_difference/max": zero}
+    return {"logp_difference/mean": d.mean(), "logp_difference/max": d.max()}
+
+
+def truncated_importance_weights(
+    logp_old: torch.Tensor,
+    logp_sampler: torch.Tensor,
+    mask: torch.Tensor,
+    level: str = "token",
+    cap: float = 3.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance sampling (TIS) weights for completions drawn by a sampler mu that is not
+    exactly the trainer's pi_old (vLLM's kernels, a lower precision, stale weights): Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training"; TRL's and verl's rollout correction.
+
+        token:     w_t = min(exp(logp_old_t - logp_sampler_t), C)                    one weight per token
+        sequence:  w   = min(exp(sum_t m_t (logp_old_t - logp_sampler_t)), C)        = min(prod_t pi_old/mu, C),
+                                                                                      for every token of the sequence
+
+    The per-token policy loss is multiplied by w (detached: a constant of the update, like pi_old). The
+    truncation at C bounds the variance; min(., C) is taken in log space, so no ratio overflows.
+
+    Args:
+        logp_old: (B, T) the trainer's log-probs of the sampled tokens.
+        logp_sampler: (B, T) the sampler's log-probs of the same tokens.
+        mask: (B, T) completion mask (padding contributes nothing to a sequence's sum).
+        level: "token" or "sequence".
+        cap: C > 0, the truncation.
+    Returns:
+        weights: (B, T), 0 where mask is 0;
+        metrics: {"importance_sampling_ratio/min", "/mean", "/max"} of the truncated weights over the real
+        tokens (sequence level: over the sequences).
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be token|sequence, got {level!r}")
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    keep = mask.bool()
+    log_ratio = torch.where(keep, logp_old - logp_sampler, torch.zeros_like(logp_old))
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True)  # (B, 1)
+    w = torch.exp(torch.clamp(log_ratio, max=math.log(cap)))
+    real = w.expand_as(logp_old)[keep] if level == "token" else w.squeeze(-1)[keep.any(-1)]
+    if real.numel() == 0:
+        real = w.new_ones(1)
+    metrics = {"importance_sampling_ratio/min": real.min(), "importance_sampling_ratio/mean": real.mean(),
+               "importance_sampling_ratio/max": real.max()}
+    weights = torch.where(keep, w.expand_as(logp_old), torch.zeros_like(logp_old))
+    return weights.detach(), metrics

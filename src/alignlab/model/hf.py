@@ -336,6 +336,19 @@ def load_hf(path, dtype: torch.dtype | None = None) -> Transformer:
     return model
 
 
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under their HF checkpoint names (``model.layers.0.self_attn.q_proj.weight``, ...),
+    LoRA merged (W + scaling B A), without ``lm_head.weight`` when the embeddings are tied (HF re-ties it
+    from ``tie_word_embeddings``): what ``save_hf`` writes, and what a rollout engine's weight sync sends."""
+    out = {}
+    for name, t in merged_state_dict(model).items():
+        if name != "lm_head.weight":
+            out["model." + name] = t
+        elif not model.config.tie_embeddings:
+            out[name] = t
+    return out
+
+
 def save_hf(model: Transformer, path, tokenizer=None, overwrite: bool = False) -> None:
     """Write config.json + model.safetensors (+ tokenizer files) that transformers' AutoModel loads.
 
@@ -353,12 +366,9 @@ def save_hf(model: Transformer, path, tokenizer=None, overwrite: bool = False) -
     if cfg.tie_embeddings and not shared:
         raise ValueError("config.tie_embeddings is true but lm_head.weight is not embed_tokens.weight")
     tensors = {}
-    for name, t in merged_state_dict(model).items():
+    for name, t in hf_state_dict(model).items():
         t = t.detach().cpu().contiguous()
-        if name != "lm_head.weight":
-            tensors["model." + name] = t
-        elif not cfg.tie_embeddings:  # tied: HF re-ties from tie_word_embeddings; safetensors refuses
-            tensors[name] = t.clone() if shared else t  # tensors that share storage
+        tensors[name] = t.clone() if name == "lm_head.weight" and shared else t  # safetensors refuses shared storage
 
     hf_config = config_to_hf(cfg, dtype=model.embed_tokens.weight.dtype)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
