@@ -1,6 +1,7 @@
 """Shared fixtures. Every test runs on one thread (speed and stability); 2 xdist workers use both cores.
 
-Learning tests take a ``seed`` parameter: seed 0 in the default run; ``ALIGNLAB_SEEDS="0 1 2 3 4"`` runs every
+Learning tests take a ``seed`` parameter: seeds 0-2, the cheap tests all three in the default run, the longer
+ones seed 0 there and seeds 1-2 behind the ``slow`` marker (``learning_seeds``); ``ALIGNLAB_SEEDS="0 1 2 3 4"`` runs every
 listed seed and ``ALIGNLAB_THREADS=2`` runs them on 2 torch threads (``make learning-spread`` does both, for
 the spreads quoted in the tests' docstrings and in results/learning/).
 """
@@ -19,7 +20,7 @@ from alignlab.data.datamodule import AlignDataModule  # noqa: E402
 from alignlab.model.transformer import TransformerConfig  # noqa: E402
 
 THREADS = int(os.environ.get("ALIGNLAB_THREADS", "1"))
-SEEDS = [int(s) for s in os.environ.get("ALIGNLAB_SEEDS", "0").split()]
+SEEDS = [int(s) for s in os.environ["ALIGNLAB_SEEDS"].split()] if os.environ.get("ALIGNLAB_SEEDS") else None
 DATA = Path(__file__).resolve().parent / "data"
 
 TINY = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, max_seq_len=48)
@@ -44,11 +45,18 @@ def record(request):
     return write
 
 
-def learning_seeds():
-    """``@learning_seeds()``: a learning test (marker ``learning``) runs once per seed of ALIGNLAB_SEEDS
-    (default: seed 0)."""
+def learning_seeds(default_run: int = 1):
+    """``@learning_seeds()``: a learning test (marker ``learning``) runs once per seed 0, 1, 2: the first
+    ``default_run`` seeds in the default run (``make test``), the others marked ``slow`` (``make test-slow``),
+    so that every margin is asserted for 3 seeds. ALIGNLAB_SEEDS="0 1 2 3 4" runs exactly the seeds listed,
+    none of them marked slow."""
+    if SEEDS is not None:
+        seeds = SEEDS
+    else:
+        seeds = [pytest.param(s, marks=() if s < default_run else pytest.mark.slow) for s in range(3)]
+
     def mark(test):
-        return pytest.mark.learning(pytest.mark.parametrize("seed", SEEDS)(test))
+        return pytest.mark.learning(pytest.mark.parametrize("seed", seeds)(test))
     return mark
 
 

@@ -83,11 +83,45 @@ def test_dynamic_sampling_keeps_only_mixed_groups_and_fills_the_batch():
     assert 0 < m["train/frac_reward_zero_std"] < 1  # among all generated groups
 
 
-def test_dynamic_sampling_stops_after_max_gen_rounds():
+def test_dynamic_sampling_stops_after_max_gen_rounds_when_asked():
     module = DAPO(arch=tiny_arch(), num_generations=2, reward_funcs=["test_dapo.zero_reward"],
-                  overlong_buffer_len=0, max_gen_rounds=3)
+                  overlong_buffer_len=0, max_gen_rounds=3, unfilled="error")
     with pytest.raises(RuntimeError, match=r"only 0 of 4 prompts had mixed rewards after model.max_gen_rounds=3"):
         fit(module, datamodule("prompt", batch_size=4), max_steps=1)
+
+
+def test_an_unfilled_batch_is_topped_up_with_equal_groups_that_carry_no_policy_gradient():
+    """The default (unfilled=top_up): after max_gen_rounds the mixed groups found are trained on, and the batch
+    is filled with equal-reward groups of those rounds (A = 0), so the step runs at its usual shape."""
+    G, B = 4, 8
+    module = DAPO(arch=tiny_arch(), num_generations=G, reward_funcs=["test_dapo.mixed_if_even"],
+                  overlong_buffer_len=0, max_gen_rounds=1)
+    seen = record_rollouts(module)
+    trainer = fit(module, datamodule("prompt", batch_size=B), max_steps=3)  # ~half of each batch is mixed
+    assert len(seen) == 3
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for r in seen:
+        assert len(r) == B * G
+        firsts = torch.tensor([int(p.split("+")[0]) for p in r.prompts[::G]])
+        even = firsts % 2 == 0
+        n_mixed = int(even.sum())
+        assert 0 < n_mixed < B  # the test sees a short batch
+        assert torch.all(even[:n_mixed]) and not torch.any(even[n_mixed:])  # mixed first, then filler
+        assert torch.all(r.advantages.reshape(B, G)[n_mixed:] == 0)  # filler: no policy gradient
+        assert torch.all(r.advantages.reshape(B, G)[:n_mixed].abs() > 0)
+    assert m["train/filler_groups"] == B - n_mixed  # the last step's
+    assert m["train/dropped_groups"] == 0 and m["train/gen_rounds"] == 1
+
+    # a batch without one mixed group trains on filler only: the step runs and the loss has no gradient
+    module = DAPO(arch=tiny_arch(), num_generations=2, reward_funcs=["test_dapo.zero_reward"],
+                  overlong_buffer_len=0, max_gen_rounds=1)
+    r = module.make_rollout(first_batch(datamodule("prompt", batch_size=4)))
+    assert len(r) == 8 and float(r.stats["filler_groups"]) == 4 and float(r.stats["frac_reward_zero_std"]) == 1
+    module.prepare(r)
+    module.compute_advantages(r)
+    loss, _ = module.compute_loss(r, r.loss_mask.sum(), torch.tensor(8.0))
+    loss.backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in module.policy.parameters())
 
 
 def test_without_dynamic_sampling_equal_groups_stay():
@@ -165,7 +199,7 @@ def test_smoke_20_steps():
 
 
 # ----------------------------------------------------------------------------------- learning
-@learning_seeds()
+@learning_seeds(default_run=3)
 def test_dapo_raises_validation_accuracy(scratchpad_sft_export, seed, record):
     """From the scratchpad SFT policy, DAPO learns to prefer the reliable strategy (the worked-out sum).
 

@@ -185,7 +185,7 @@ def test_smoke_20_steps_logs_trl_metrics_and_exports(tmp_path):
     torch.testing.assert_close(back.embed_tokens.weight, m.policy.embed_tokens.weight)
 
 
-@learning_seeds()
+@learning_seeds(default_run=3)
 def test_dpo_learns_from_sft(scratchpad_sft_export, onpolicy_pairs, seed, record):
     """DPO (+ RPO's NLL on chosen) from the scratchpad SFT policy on pairs of its own samples (chosen correct,
     rejected wrong: conftest.onpolicy_pairs), validated on the built-in near-miss pairs.

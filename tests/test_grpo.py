@@ -294,7 +294,7 @@ def test_beta_zero_builds_no_reference():
 
 
 # ----------------------------------------------------------------------------------- learning
-@learning_seeds()
+@learning_seeds(default_run=3)
 def test_grpo_raises_validation_accuracy(scratchpad_sft_export, seed, record):
     """From the scratchpad SFT policy, GRPO learns to prefer the reliable strategy (the worked-out sum).
 

@@ -91,7 +91,7 @@ def test_smoke_20_steps_export_is_what_ppo_loads(tmp_path):
         torch.testing.assert_close(again.model.score(ids, mask), m.model.score(ids, mask), atol=1e-6, rtol=0)
 
 
-@learning_seeds()
+@learning_seeds(default_run=3)
 def test_reward_model_learns_pairwise_accuracy(sft_export, seed, record):
     """From the SFT trunk (tests/data/sft_start) with a fresh head: chosen = correct sum, rejected = one digit
     changed. Measured over seeds 0-4 at 1 and 2 threads (10 runs, results/learning/spread.md): held-out pairwise accuracy 0.51 +- 0.04 at

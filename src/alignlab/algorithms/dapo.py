@@ -13,7 +13,7 @@ Every change is a switch, so each one can be ablated (the defaults are the paper
 |-------------------------------------|-------------|-------------------------------------------------------------------|
 | 1. ``beta``                         | 0.0         | no ``beta * KL`` term in ``GRPO.compute_loss``; ``self.ref`` is None: no reference model in memory, no reference forward in ``prepare`` |
 | 2. ``epsilon`` / ``epsilon_high`` | 0.2 / 0.28 | clip range ``[1 - eps_low, 1 + eps_high]`` of ``clipped_surrogate``: low-probability tokens with A > 0 may grow more |
-| 3. ``dynamic_sampling``, ``max_gen_rounds`` | True, 8 | ``make_rollout``: drop groups whose rewards are all equal (A = 0, no gradient), generate from more training prompts until the batch of prompts is full, trim to the batch size; error after max_gen_rounds |
+| 3. ``dynamic_sampling``, ``max_gen_rounds``, ``unfilled`` | True, 8, top_up | ``make_rollout``: drop groups whose rewards are all equal (A = 0, no gradient), generate from more training prompts until the batch of prompts is full, trim to the batch size; still short after max_gen_rounds: top the batch up with equal-reward groups (as GRPO would train on them; ``unfilled: error`` stops instead, as verl does) |
 | 4. ``loss_agg_mode``                | token-mean  | ``aggregate``: sum over all tokens of the batch / total token count (long answers weigh by their length) |
 | 5. ``overlong_buffer_len`` (L_cache), ``max_new_tokens`` (L_max) | 4, 8 | ``score``: soft overlong punishment added to the reward (0 = off), logged as ``rewards/overlong/mean`` |
 | 5b. ``mask_truncated_completions``  | True        | ``prepare``: completions that hit L_max without EOS get zero loss weight (overlong filtering) |
@@ -45,6 +45,7 @@ class DAPO(GRPO):
         epsilon_high: float = 0.28,
         dynamic_sampling: bool = True,
         max_gen_rounds: int = 8,
+        unfilled: Literal["top_up", "error"] = "top_up",
         loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean",
         overlong_buffer_len: int = 4,
         mask_truncated_completions: bool = True,
@@ -56,12 +57,16 @@ class DAPO(GRPO):
             epsilon: lower clip range eps_low (ratio >= 1 - eps_low for A < 0).
             epsilon_high: upper clip range eps_high, decoupled and higher (clip-higher).
             dynamic_sampling: keep only groups with mixed rewards and refill the batch with new prompts.
-            max_gen_rounds: generation rounds allowed per step to fill the batch before stopping with an error.
+            max_gen_rounds: generation rounds allowed per step to fill the batch with mixed-reward groups.
+            unfilled: the batch is still short after max_gen_rounds: top_up = fill it with equal-reward groups
+                of those rounds (A = 0: no policy gradient, but they count in the token mean, as in GRPO; logged
+                as train/filler_groups); error = stop with a RuntimeError (verl's behaviour).
             loss_agg_mode: token-mean (DAPO's token-level loss) | seq-mean-token-mean | seq-mean-token-sum-norm.
             overlong_buffer_len: L_cache of the soft overlong punishment (0 = off); L_max is max_new_tokens.
             mask_truncated_completions: truncated completions (no EOS) get zero loss weight.
         """
         check(max_gen_rounds >= 1, "max_gen_rounds", f"must be >= 1, got {max_gen_rounds}")
+        check(unfilled in ("top_up", "error"), "unfilled", f"must be top_up|error, got {unfilled!r}")
         check(overlong_buffer_len >= 0, "overlong_buffer_len", f"must be >= 0, got {overlong_buffer_len}")
         super().__init__(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode,
                          mask_truncated_completions=mask_truncated_completions, **kwargs)
@@ -86,28 +91,31 @@ class DAPO(GRPO):
             return super().make_rollout(batch)
         G, max_rounds = self.hparams.num_generations, self.hparams.max_gen_rounds
         want = batch["prompt_ids"].shape[0]  # prompts per batch (on this rank)
-        kept: list[Rollout] = []
-        mixed: list[torch.Tensor] = []  # (groups,) of every round, kept or not: are its rewards not all equal?
-        n_kept = 0
+        rounds_r: list[Rollout] = []  # every round's groups
+        mixed: list[torch.Tensor] = []  # (groups,) of every round: are its rewards not all equal?
         for rounds in range(1, max_rounds + 1):
             r = super().make_rollout(batch)
             grouped = r.rewards.reshape(-1, G)
+            rounds_r.append(r)
             mixed.append((grouped != grouped[:, :1]).any(dim=1))
-            kept.append(r.select(mixed[-1].repeat_interleave(G).nonzero().squeeze(1)))
-            n_kept += int(mixed[-1].sum())
-            if n_kept >= want:
+            if int(torch.cat(mixed).sum()) >= want or rounds == max_rounds:
                 break
             batch = self.next_prompts()
-        equal = ~torch.cat(mixed)  # every kept group is mixed: the share is taken among ALL generated ones
-        if n_kept < want:
+        is_mixed = torch.cat(mixed)  # the share of equal groups is taken among ALL generated ones
+        n_kept = int(is_mixed.sum())
+        if n_kept < want and self.hparams.unfilled == "error":
             raise RuntimeError(
                 f"DAPO dynamic sampling: only {n_kept} of {want} prompts had mixed rewards after "
-                f"model.max_gen_rounds={max_rounds} rounds ({len(equal)} groups generated, all others had equal "
-                f"rewards). Raise max_gen_rounds or num_generations, start from a better/worse policy, "
-                f"or set model.dynamic_sampling=false.")
-        r = Rollout.cat(kept, pad_id=self.pad_id).select(torch.arange(want * G))  # trim to the batch size
-        r.stats = {"frac_reward_zero_std": equal.float().mean(),
-                   "dropped_groups": equal.sum().float(),  # equal-reward groups
+                f"model.max_gen_rounds={max_rounds} rounds ({len(is_mixed)} groups generated, all others had "
+                f"equal rewards). Raise max_gen_rounds or num_generations, start from a better/worse policy, "
+                f"set model.unfilled=top_up or model.dynamic_sampling=false.")
+        # the mixed groups in the order generated, then (only if still short) equal-reward groups as filler
+        groups = torch.cat([is_mixed.nonzero().squeeze(1), (~is_mixed).nonzero().squeeze(1)])[:want]
+        rows = (groups.unsqueeze(1) * G + torch.arange(G)).reshape(-1)  # group j = rows jG .. jG + G - 1
+        r = Rollout.cat(rounds_r, pad_id=self.pad_id).select(rows)
+        r.stats = {"frac_reward_zero_std": (~is_mixed).float().mean(),
+                   "dropped_groups": (~is_mixed).sum().float() - max(0, want - n_kept),  # generated, not trained
+                   "filler_groups": torch.tensor(float(max(0, want - n_kept)), device=self.device),
                    "gen_rounds": torch.tensor(float(rounds), device=self.device)}
         return r
 
