@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from alignlab.model.generate import Completions, Sampler, filter_logits, generate, sample
+from alignlab.model.generate import Completions, Sampler, draw_blocked, filter_logits, generate, sample
 from alignlab.model.transformer import KVCache, Transformer, TransformerConfig
 
 EOS, PAD = 1, 0
@@ -170,6 +170,42 @@ def test_unfiltered_sampler_draws_softmax_and_reports_its_log_prob(temperature):
     tok, logp = Sampler(greedy=True)(big)
     assert torch.equal(tok, big.argmax(-1))
     torch.testing.assert_close(logp, big.log_softmax(-1).max(-1).values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("vocab,block", [(6, 2), (7, 3), (7, 4), (49152, 256), (1000, 256)])
+def test_blocked_draw_is_sample_in_two_levels(vocab, block):
+    """The two-level draw (block sums, then one block) is the categorical distribution of the weights
+    (frequencies over 1e5 draws, the last block shorter where vocab % block != 0), never draws a zero-weight
+    token, returns the row sums, and with the same uniforms draws what ``sample`` draws (up to rounding
+    at a CDF boundary)."""
+    g = torch.Generator().manual_seed(vocab)
+    p = torch.rand(vocab, generator=g) ** 4
+    p[::5] = 0.0  # zero-weight tokens, and in (6, 2) a zero-weight block
+    p[1] = p[1] if vocab > 10 else 0.0
+    rows = (p * 3.0).expand(100_000 if vocab < 100 else 2000, vocab).contiguous()  # unnormalised
+    tok, total = draw_blocked(rows, torch.Generator().manual_seed(1), block)
+    torch.testing.assert_close(total[:, 0], rows.sum(-1), rtol=1e-5, atol=0)
+    assert (p[tok] > 0).all()
+    if vocab < 100:
+        freq = torch.bincount(tok, minlength=vocab).float() / len(tok)
+        torch.testing.assert_close(freq, p / p.sum(), atol=0.006, rtol=0)  # >= 4 sigma at n = 1e5
+    assert (tok == sample(rows, torch.Generator().manual_seed(1))).float().mean() > 0.998
+
+
+def test_the_sampler_takes_the_blocked_draw_for_a_real_vocabulary(monkeypatch):
+    """From 4 blocks up the unfiltered sampler draws in two levels (same uniforms: the same tokens as the
+    one-level draw but at CDF-boundary rounding); its log-probs stay the log-softmax's."""
+    import alignlab.model.generate as gen
+
+    big = torch.randn(64, 49152, generator=torch.Generator().manual_seed(4)) * 5
+    calls = []
+    monkeypatch.setattr(gen, "draw_blocked", lambda *a, **k: calls.append(1) or draw_blocked(*a, **k))
+    tok, logp = Sampler(generator=torch.Generator().manual_seed(1))(big)
+    assert calls
+    monkeypatch.setattr(gen, "BLOCK", big.shape[-1])  # fewer than 4 blocks: the one-level draw
+    tok_one, logp_one = Sampler(generator=torch.Generator().manual_seed(1))(big)
+    assert len(calls) == 1 and (tok == tok_one).float().mean() > 0.98
+    torch.testing.assert_close(logp, big.log_softmax(-1).gather(-1, tok[:, None])[:, 0], atol=1e-5, rtol=0)
 
 
 def test_filter_logits_top_k_and_top_p():

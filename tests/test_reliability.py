@@ -48,7 +48,7 @@ def nan_from_third_call(prompts, completions, **kw):
 
 
 FAST = ["--config", str(CONFIGS / "model" / "tiny.yaml"), "--trainer.max_steps", "2",
-        "--trainer.enable_progress_bar", "false", "--data.num_train", "64", "--data.num_val", "8"]
+        "--trainer.enable_progress_bar", "false", "--data.num_train", "128", "--data.num_val", "8"]
 ON_POLICY = ["--model.init_args.init_from", "null", "--data.batch_size", "4", "--model.init_args.num_generations", "2",
              "--model.init_args.max_new_tokens", "8"]
 
@@ -376,7 +376,7 @@ def test_train_checks_the_whole_command_before_any_stage_runs(case, tmp_path, ca
     ran = []
     monkeypatch.setattr(train, "fit", lambda stage, extra, recipe=None: ran.append(stage))
     with pytest.raises(SystemExit) as e:
-        train.main([algo, "--data.num_train=64", "--data.num_val=8",
+        train.main([algo, "--data.num_train=128", "--data.num_val=8",
                     *(a.replace("{tmp}", str(tmp_path)) for a in args)])
     out = capsys.readouterr()
     assert e.value.code == 2 and ran == []  # no stage ran, not even the missing SFT export's
@@ -390,7 +390,7 @@ def test_a_good_dpo_command_is_checked_without_sampling_pairs_from_the_stand_in(
     monkeypatch.chdir(tmp_path)
     ran = []
     monkeypatch.setattr(train, "fit", lambda stage, extra, recipe=None: ran.append(stage))
-    train.main(["dpo", "--data.num_train=64", "--data.num_val=8"])
+    train.main(["dpo", "--data.num_train=128", "--data.num_val=8"])
     assert ran == ["sft", "dpo"]  # checked, then the stages (not run here)
     assert not (tmp_path / "logs").exists()  # the check wrote nothing: no logs/pairs
 

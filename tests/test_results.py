@@ -8,7 +8,7 @@ from alignlab import results
 def test_results_runs_each_seed_in_its_own_logs_and_tabulates_start_and_end(tmp_path):
     root, out = tmp_path / "runs", tmp_path / "baselines.md"
     argv = ["run", "--seeds", "0", "1", "--stages", "sft", "--root", str(root), "--out", str(out),
-            "--extra", "--trainer.max_steps=2", "--data.num_train=64", "--data.num_val=8"]
+            "--extra", "--trainer.max_steps=2", "--data.num_train=128", "--data.num_val=8"]
     results.main(argv)
     for seed in (0, 1):  # a fresh logs/ per seed, the stage's export where the next stage looks for it
         assert (root / f"seed_{seed}" / "logs" / "sft" / "latest_hf" / "config.json").is_file()
@@ -20,3 +20,15 @@ def test_results_runs_each_seed_in_its_own_logs_and_tabulates_start_and_end(tmp_
     assert summary["sft"]["gain_mean"] == sum(r["end"] - r["start"] for r in runs) / 2
     results.main(argv)  # finished stages are kept: no second run directory
     assert [p.name for p in (root / "seed_0" / "logs" / "sft").glob("version_*")] == ["version_0"]
+
+
+def test_a_sweep_elsewhere_writes_its_table_beside_its_runs(tmp_path, monkeypatch):
+    """--root other than make results' own, no --out: the table goes to ROOT/baselines.md, and the committed
+    results/baselines.md is not touched (only make results' root writes there)."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "sweep"
+    results.main(["summarize", "--seeds", "0", "--stages", "sft", "--root", str(root)])
+    assert (root / "baselines.md").is_file() and (root / "baselines.json").is_file()
+    assert not (tmp_path / results.OUT).exists()
+    results.main(["summarize", "--seeds", "0", "--stages", "sft"])  # make results' root: the committed file
+    assert (tmp_path / results.OUT).is_file()

@@ -60,9 +60,43 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 def draw(cdf: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``sample`` given the (unnormalised) cumulative sums cdf (B, V) of each row's probabilities."""
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype)
-    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return torch.searchsorted(cdf, below(uniform(total, generator) * total, total), right=True).squeeze(-1)
+
+
+def uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """x, made strictly less than total (a u * total that rounds up to the total)."""
+    return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
+
+
+BLOCK = 256  # the blocked draw's block width (a real vocabulary is 49152 = 192 blocks)
+
+
+def draw_blocked(weights: torch.Tensor, generator: torch.Generator | None = None,
+                 block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample`` from unnormalised weights (B, V) >= 0 and their row sums (B, 1), in two levels instead of
+    one cumulative sum over the whole vocabulary (a sequential scan of B x V: the slowest part of a draw
+    at V = 49152): the cumulative sums C of the block sums pick the block j with C_{j-1} <= u * total < C_j,
+    and the cumulative sum inside block j picks the token (the last block may be shorter). The same inverse
+    CDF at the same u, so the same categorical distribution (a draw differs from ``sample``'s only where
+    rounding moves a CDF boundary); a zero-weight token is never drawn, nor is a zero-weight block."""
+    B, V = weights.shape
+    n_full = V // block
+    sums = weights[:, : n_full * block].view(B, n_full, block).sum(-1)
+    if V > n_full * block:
+        sums = torch.cat([sums, weights[:, n_full * block:].sum(-1, keepdim=True)], dim=-1)
+    cum = sums.cumsum_(-1)  # (B, n_blocks)
+    total = cum[:, -1:]
+    x = below(uniform(total, generator) * total, total)
+    j = torch.searchsorted(cum, x, right=True).clamp_(max=cum.shape[1] - 1)  # (B, 1): C_{j-1} <= x < C_j
+    start = torch.where(j > 0, cum.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(x))
+    idx = j * block + torch.arange(block, device=weights.device)  # (B, block): the tokens of block j
+    inside = weights.gather(-1, idx.clamp(max=V - 1)).masked_fill_(idx >= V, 0.0).cumsum_(-1)
+    k = torch.searchsorted(inside, below(x - start, inside[:, -1:]), right=True)
+    return (idx.gather(-1, k.clamp_(max=block - 1))).squeeze(-1), total
 
 
 @dataclass(frozen=True)
@@ -92,11 +126,15 @@ class Sampler:
         elif self.top_k or self.top_p < 1.0:
             next_tok = sample(filter_logits(scaled, self.top_k, self.top_p).softmax(-1), self.generator)
             lse = scaled.logsumexp(-1)
-        else:  # one pass serves the draw and the normaliser: the CDF of exp(scaled - max) ends at exp(lse - max)
+        else:  # one pass serves the draw and the normaliser: the weights exp(scaled - max) sum to exp(lse - max)
             top = scaled.amax(-1, keepdim=True)
-            cdf = (scaled - top).exp_().cumsum_(-1)
-            next_tok = draw(cdf, self.generator)
-            lse = (top + cdf[:, -1:].log()).squeeze(-1)
+            weights = (scaled - top).exp_()
+            if weights.shape[-1] >= 4 * BLOCK:  # a real vocabulary: two short scans instead of one long one
+                next_tok, total = draw_blocked(weights, self.generator)
+            else:
+                cdf = weights.cumsum_(-1)
+                next_tok, total = draw(cdf, self.generator), cdf[:, -1:]
+            lse = (top + total.log()).squeeze(-1)
         return next_tok, scaled.gather(-1, next_tok[:, None]).squeeze(-1) - lse
 
 
