@@ -37,6 +37,9 @@ DEMOS = ("hacking/rm", "hacking/ppo")  # the reward-hacking demonstration (confi
 START = "--trainer.callbacks+=alignlab.callbacks.ValidateAtStart"
 
 
+ROOT, OUT = Path("logs/results"), Path("results/baselines.md")  # make results: the runs, the committed table
+
+
 def commit() -> str:
     """The checkout's commit (``unknown`` outside a git checkout)."""
     try:
@@ -119,11 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + DEMOS,
                     help="default: every default stage; add hacking/rm hacking/ppo for the reward-hacking demo")
-    ap.add_argument("--root", type=Path, default=Path("logs/results"))
-    ap.add_argument("--out", type=Path, default=Path("results/baselines.md"))
+    ap.add_argument("--root", type=Path, default=ROOT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"the table (and .json beside it); default: {OUT} for --root {ROOT}, else ROOT/baselines.md "
+                         "(a sweep elsewhere never overwrites the committed results)")
     ap.add_argument("--fresh", action="store_true", help="delete --root first")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every stage")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = OUT if args.root == ROOT else args.root / "baselines.md"
     if args.command == "run":
         if args.fresh and args.root.exists():
             shutil.rmtree(args.root)
