@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from alignlab import results
 
 
@@ -32,3 +34,22 @@ def test_a_sweep_elsewhere_writes_its_table_beside_its_runs(tmp_path, monkeypatc
     assert not (tmp_path / results.OUT).exists()
     results.main(["summarize", "--seeds", "0", "--stages", "sft"])  # make results' root: the committed file
     assert (tmp_path / results.OUT).is_file()
+
+
+def test_the_table_comes_with_a_plot_of_the_rl_curves(tmp_path):
+    """With matplotlib, summarize draws results/baselines.png beside the table: the RL stages' val/accuracy
+    curves over seeds (here from synthetic event files: two seeds, one stage)."""
+    pytest.importorskip("matplotlib")
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for stage, values in (("sft", [0.5 + seed / 10]), ("grpo", [0.5 + seed / 10, 0.6, 0.7 + seed / 10])):
+            writer = SummaryWriter(str(root / f"seed_{seed}" / "logs" / stage / "version_0"))
+            writer.add_scalar("train/reward", 0.1, 0)
+            for i, v in enumerate(values):
+                writer.add_scalar("val/accuracy", v, 10 * i + 9)
+            writer.close()
+    results.main(["summarize", "--seeds", "0", "1", "--stages", "sft", "grpo", "--root", str(root)])
+    assert (root / "baselines.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results.plot(root, [0, 1], ["sft"], tmp_path / "none.png") is False  # no RL stage: nothing drawn

@@ -233,8 +233,9 @@ def table(results: dict[str, list[Run]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot(results: dict[str, list[Run]], path: Path, sft: float | None = None) -> bool:
-    """Validation accuracy against step, mean over seeds with a +-1 std band; False without matplotlib."""
+def plot(results: dict[str, list[Run]], path: Path, sft: float | None = None, title: str = "DAPO ablation") -> bool:
+    """Validation accuracy against step, mean over seeds with a +-1 std band; False without matplotlib.
+    (``results.py`` draws ``make results``' curves with it too: anything with a ``val`` {step: accuracy}.)"""
     try:
         import matplotlib
 
@@ -256,7 +257,7 @@ def plot(results: dict[str, list[Run]], path: Path, sft: float | None = None) ->
         ax.axhline(sft, color="gray", linestyle="--", linewidth=1, label="SFT start")
     n = sorted({len(runs) for runs in results.values()})
     ax.set(xlabel="training step (rollout batches)", ylabel="validation accuracy (greedy)",
-           title=f"DAPO ablation: mean ± std over {'/'.join(map(str, n))} seeds")
+           title=f"{title}: mean ± std over {'/'.join(map(str, n))} seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -147,7 +147,35 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(header + table + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    if plot(args.root, args.seeds, args.stages, args.out.with_suffix(".png")) is None:
+        print("[results] plot skipped: matplotlib is not installed (pip install -e '.[plot]')")
     print(table)
+
+
+def plot(root: Path, seeds: list[int], stages: list[str], path: Path) -> bool | None:
+    """The RL and DPO stages' greedy val/accuracy against step, mean ± std over seeds, the SFT end dashed
+    (ablation.plot); True when written, False with nothing to draw, None without matplotlib."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+
+    from alignlab.curve import curve
+
+    runs = {}
+    for stage in (s for s in stages if s not in ("sft", "rm", "hacking/rm")):
+        dirs = [sorted((seed_dir(root, k) / "logs" / stage).glob("version_*"), key=lambda p: int(p.name[8:]))
+                for k in seeds]
+        runs[stage] = [SimpleNamespace(val={r["after_step"]: r["val/accuracy"]
+                                            for r in curve(d[-1]) if r["after_step"]})  # step 0: the SFT end
+                       for d in dirs if d]
+    runs = {stage: rs for stage, rs in runs.items() if rs}
+    sft = [r["end"] for k in seeds if (r := stage_result(root, k, "sft")) is not None]
+    if not runs:
+        return False
+    return ablation.plot(runs, path, sft=statistics.mean(sft) if sft else None,
+                         title="make results: greedy val accuracy")
 
 
 if __name__ == "__main__":
