@@ -38,6 +38,7 @@ START = "--trainer.callbacks+=alignlab.callbacks.ValidateAtStart"
 
 
 ROOT, OUT = Path("logs/results"), Path("results/baselines.md")  # make results: the runs, the committed table
+REWARD_MODELS = ("rm", "hacking/rm")  # their val/accuracy is pairwise accuracy, not drawn with the policies'
 
 
 def commit() -> str:
@@ -75,14 +76,19 @@ def run_stage(root: Path, seed: int, stage: str, extra: list[str]) -> float:
     return seconds
 
 
-def stage_result(root: Path, seed: int, stage: str) -> dict | None:
-    """start/end val/accuracy, steps and wall time of one finished run (None if it has not run)."""
+def stage_curve(root: Path, seed: int, stage: str) -> list[dict] | None:
+    """alignlab.curve of the stage's last run for that seed (None if it has not run)."""
     from alignlab.curve import curve
 
     runs = sorted((seed_dir(root, seed) / "logs" / stage).glob("version_*"), key=lambda p: int(p.name[8:]))
-    if not runs:
+    return curve(runs[-1]) if runs else None
+
+
+def stage_result(root: Path, seed: int, stage: str) -> dict | None:
+    """start/end val/accuracy, steps and wall time of one finished run (None if it has not run)."""
+    rows = stage_curve(root, seed, stage)
+    if rows is None:
         return None
-    rows = curve(runs[-1])
     wall = seed_dir(root, seed) / "logs" / stage / "wall_seconds.txt"
     return {"start": rows[0]["val/accuracy"] if rows[0]["after_step"] == 0 else None,
             "end": rows[-1]["val/accuracy"], "steps": rows[-1]["after_step"],
@@ -153,27 +159,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plot(root: Path, seeds: list[int], stages: list[str], path: Path) -> bool | None:
-    """The RL and DPO stages' greedy val/accuracy against step, mean ± std over seeds, the SFT end dashed
-    (ablation.plot); True when written, False with nothing to draw, None without matplotlib."""
+    """The stages that generate (not sft, not the reward models): greedy val/accuracy against step, mean ±
+    std over seeds, the SFT end dashed (ablation.plot); True when written, False with nothing to draw, None
+    without matplotlib."""
     import importlib.util
     from types import SimpleNamespace
 
     if importlib.util.find_spec("matplotlib") is None:
         return None
-
-    from alignlab.curve import curve
-
     runs = {}
-    for stage in (s for s in stages if s not in ("sft", "rm", "hacking/rm")):
-        dirs = [sorted((seed_dir(root, k) / "logs" / stage).glob("version_*"), key=lambda p: int(p.name[8:]))
-                for k in seeds]
-        runs[stage] = [SimpleNamespace(val={r["after_step"]: r["val/accuracy"]
-                                            for r in curve(d[-1]) if r["after_step"]})  # step 0: the SFT end
-                       for d in dirs if d]
-    runs = {stage: rs for stage, rs in runs.items() if rs}
-    sft = [r["end"] for k in seeds if (r := stage_result(root, k, "sft")) is not None]
+    for stage in (s for s in stages if s not in ("sft", *REWARD_MODELS)):
+        curves = [c for k in seeds if (c := stage_curve(root, k, stage)) is not None]
+        if curves:  # step 0 is the SFT end, drawn by ablation.plot
+            runs[stage] = [SimpleNamespace(val={r["after_step"]: r["val/accuracy"] for r in c if r["after_step"]})
+                           for c in curves]
     if not runs:
         return False
+    sft = [r["end"] for k in seeds if (r := stage_result(root, k, "sft")) is not None]
     return ablation.plot(runs, path, sft=statistics.mean(sft) if sft else None,
                          title="make results: greedy val accuracy")
 

@@ -79,24 +79,24 @@ def draw_blocked(weights: torch.Tensor, generator: torch.Generator | None = None
                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample`` from unnormalised weights (B, V) >= 0 and their row sums (B, 1), in two levels instead of
     one cumulative sum over the whole vocabulary (a sequential scan of B x V: the slowest part of a draw
-    at V = 49152): the cumulative sums C of the block sums pick the block j with C_{j-1} <= u * total < C_j,
-    and the cumulative sum inside block j picks the token (the last block may be shorter). The same inverse
-    CDF at the same u, so the same categorical distribution (a draw differs from ``sample``'s only where
-    rounding moves a CDF boundary); a zero-weight token is never drawn, nor is a zero-weight block."""
+    at V = 49152): the cumulative sums C of the block sums (C_0 = 0) pick the block j with
+    C_j <= u * total < C_{j+1}, and the cumulative sum inside block j picks the token (the last block may
+    be shorter). The same inverse CDF at the same u, so the same categorical distribution (a draw differs
+    from ``sample``'s only where rounding moves a CDF boundary); a zero-weight token is never drawn, nor
+    is a zero-weight block."""
     B, V = weights.shape
     n_full = V // block
     sums = weights[:, : n_full * block].view(B, n_full, block).sum(-1)
     if V > n_full * block:
         sums = torch.cat([sums, weights[:, n_full * block:].sum(-1, keepdim=True)], dim=-1)
-    cum = sums.cumsum_(-1)  # (B, n_blocks)
+    cum = torch.nn.functional.pad(sums, (1, 0)).cumsum_(-1)  # (B, 1 + n_blocks): C_0 = 0, C_1, ...
     total = cum[:, -1:]
-    x = below(uniform(total, generator) * total, total)
-    j = torch.searchsorted(cum, x, right=True).clamp_(max=cum.shape[1] - 1)  # (B, 1): C_{j-1} <= x < C_j
-    start = torch.where(j > 0, cum.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(x))
+    x = below(uniform(total, generator) * total, total)  # x < total: j is a real block, k a real token
+    j = torch.searchsorted(cum, x, right=True) - 1  # (B, 1): C_j <= x < C_{j+1}
     idx = j * block + torch.arange(block, device=weights.device)  # (B, block): the tokens of block j
     inside = weights.gather(-1, idx.clamp(max=V - 1)).masked_fill_(idx >= V, 0.0).cumsum_(-1)
-    k = torch.searchsorted(inside, below(x - start, inside[:, -1:]), right=True)
-    return (idx.gather(-1, k.clamp_(max=block - 1))).squeeze(-1), total
+    k = torch.searchsorted(inside, below(x - cum.gather(-1, j), inside[:, -1:]), right=True)
+    return idx.gather(-1, k).squeeze(-1), total
 
 
 @dataclass(frozen=True)
