@@ -3,7 +3,11 @@ import math
 import pytest
 import torch
 
-from alignlab.losses.lm import entropy_from_logits, masked_mean, masked_sum, selective_log_softmax, sft_loss
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from alignlab.losses.lm import (
+    HeadLogps, entropy_from_logits, masked_mean, masked_sum, selective_log_softmax, sft_loss,
+)
 
 LN = math.log
 
@@ -99,3 +103,64 @@ def test_sft_loss_equals_cross_entropy_on_masked_tokens():
     loss, _ = sft_loss(logits, labels, mask)
     ref = torch.nn.functional.cross_entropy(logits[mask.bool()], labels[mask.bool()])
     torch.testing.assert_close(loss, ref)
+
+
+def _head_reference(hidden, weight, index, temperature):
+    """The formula as autograd differentiates it: logits, / temperature, gather - logsumexp."""
+    logits = (hidden @ weight.T).float()
+    return selective_log_softmax(logits / temperature if temperature != 1.0 else logits, index)
+
+
+@pytest.mark.parametrize("temperature, dtype, autocast, frozen", [
+    (1.0, torch.float32, False, False), (0.7, torch.float32, False, False),  # fp32, sampling temperature
+    (1.0, torch.float32, False, True),  # a frozen head (LoRA): no weight gradient asked for
+    (1.0, torch.float32, True, False),  # bf16 autocast (fp32 weights), as bf16-mixed training runs it
+    (0.7, torch.bfloat16, False, False),  # bf16 weights
+])
+def test_head_logps_equal_autograd_of_the_formula_to_the_bit(temperature, dtype, autocast, frozen):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(101, 16, generator=g).to(dtype).requires_grad_(not frozen)
+    index, grad = torch.randint(0, 101, (37,), generator=g), torch.randn(37, generator=g)
+    inputs = (hidden,) if frozen else (hidden, weight)
+    results = []
+    for fn in (_head_reference, HeadLogps.apply):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(hidden, weight, index, temperature)
+        results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    assert results[0][0].dtype == results[1][0].dtype == torch.float32
+    for want, got in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+class LargeAllocations(TorchDispatchMode):
+    """Counts the op results of at least ``numel`` elements in fresh memory (not an input's: in-place ops
+    and views excluded)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.numel() >= self.numel \
+                and out.untyped_storage().data_ptr() not in inputs:
+            self.count += 1
+        return out
+
+
+def test_head_logps_backward_allocates_no_vocabulary_wide_tensor_and_runs_once():
+    hidden, weight = torch.randn(64, 8, requires_grad=True), torch.randn(512, 8, requires_grad=True)
+    index = torch.randint(0, 512, (64,))
+    counts = []
+    for fn in (_head_reference, HeadLogps.apply):
+        out = fn(hidden, weight, index, 1.0).sum()
+        with LargeAllocations(64 * 512) as mode:
+            out.backward()
+        counts.append(mode.count)
+    assert counts[0] >= 3 and counts[1] == 0  # autograd: one-hot scatter, exp, product, sum; here: none
+    out = HeadLogps.apply(hidden, weight, index, 1.0).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="consumed by an earlier backward"):
+        out.backward()

@@ -47,11 +47,64 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _head_logps(hidden, weight, index, temperature: float, with_entropy: bool):
-    """log-probs of index (and entropies) under softmax(hidden @ weight^T / temperature): (n,) fp32 each."""
+    """log-probs of index (and entropies) under softmax(hidden @ weight^T / temperature): (n,) fp32 each.
+
+    Log-probs alone go through ``HeadLogps`` (the same values and gradients, with the backward computed in
+    the logits' own buffer); with entropies, autograd differentiates the formula as written."""
+    if not with_entropy:
+        return HeadLogps.apply(hidden, weight, index, temperature), None
     logits = (hidden @ weight.T).float()  # (n, V)
     if temperature != 1.0:  # x / 1 == x: skipped, not changed
         logits = logits / temperature
-    return selective_log_softmax(logits, index), entropy_from_logits(logits) if with_entropy else None
+    return selective_log_softmax(logits, index), entropy_from_logits(logits)
+
+
+class HeadLogps(torch.autograd.Function):
+    """log p(index_n) = z_n[index_n] - logsumexp(z_n), z_n = (hidden_n @ weight^T) / temperature, (n,) fp32,
+    with the gradient autograd would compute, written out:
+
+        dL/dz_n = g_n * (onehot(index_n) - softmax(z_n))      (g_n = dL/dlog p(index_n))
+        dL/dhidden = (dL/dz / temperature) @ weight,   dL/dweight = (dL/dz / temperature)^T @ hidden
+
+    Autograd, differentiating gather and logsumexp, allocates four (n, V) tensors on the way (the scattered
+    one-hot, exp(z - lse), its product with g, their sum); here the gradient is computed in place in the
+    logits the forward saved, the same operations on the same values in the same order (tested to the bit
+    in fp32), so a vocabulary of 49152 costs no fresh (n, V) memory in the backward. The saved logits are
+    consumed: a second backward through the same graph (``retain_graph=True``) raises. Under autocast the
+    matmuls run in the autocast dtype, as ``hidden @ weight.T`` would, and the logits in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, index, temperature):
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else hidden.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = (h @ w.T).float()  # (n, V)
+            if temperature != 1.0:  # x / 1 == x: skipped, not changed
+                logits = logits / temperature
+            lse = torch.logsumexp(logits, dim=-1)
+            logps = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.save_for_backward(h, w, logits, lse, index)
+        ctx.temperature, ctx.dtypes, ctx.consumed = temperature, (hidden.dtype, weight.dtype), False
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.consumed:
+            raise RuntimeError("HeadLogps: the saved logits were consumed by an earlier backward "
+                               "(retain_graph=True is not supported; compute the log-probs again)")
+        ctx.consumed = True
+        h, w, logits, lse, index = ctx.saved_tensors
+        g = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(grad.neg().unsqueeze(-1))  # -g_n * softmax(z_n)
+        g.scatter_add_(-1, index.unsqueeze(-1), grad.unsqueeze(-1))  # + g_n at index_n
+        if ctx.temperature != 1.0:
+            g = g.div_(ctx.temperature)
+        g = g.to(h.dtype)
+        grad_h = (g @ w).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_w = (g.T @ h).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
 
 
 def chunked_token_logps(
