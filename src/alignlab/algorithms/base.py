@@ -84,6 +84,7 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
         lora: LoRAConfig | None = None,
         activation_checkpointing: bool = False,
         logits_chunk_size: int | None = None,
+        fused_optimizer: bool = False,
     ):
         """
         Args:
@@ -109,6 +110,10 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
             logits_chunk_size: the LM head runs on the scored positions only (always), this many at a time,
                 each chunk recomputed in the backward (memory: chunk x vocabulary floats; e.g. 256 for a real
                 vocabulary). None = all scored positions at once, their logits kept for the backward.
+            fused_optimizer: AdamW as one fused kernel (torch's ``fused=True``) instead of multi-tensor ops
+                (``foreach=True``): the same update up to float rounding (tested), 3-6x faster optimizer steps on
+                the CPU (0.08 s against 0.27-0.48 s for SmolLM2-135M's parameters). Off by default, so that
+                runs reproduce the recorded curves bit for bit.
         """
         super().__init__()
         check(lr > 0, "lr", f"must be > 0, got {lr}")
@@ -310,9 +315,14 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
     def optimizer_steps_per_batch(self) -> int:
         return 1
 
+    def adamw(self, groups: list[dict]) -> torch.optim.AdamW:
+        """AdamW over the parameter groups, betas (0.9, 0.95), fused or multi-tensor (``fused_optimizer``)."""
+        how = {"fused": True} if self.hparams.fused_optimizer else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95), **how)
+
     def configure_optimizers(self):
         groups = self.param_groups(self.trainable_parameters(), self.hparams.lr)
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95), foreach=True)
+        opt = self.adamw(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -347,7 +347,7 @@ class PPO(OnPolicyModule):
         for name, model, lr in (("policy", self.policy, h.lr), ("critic", self.critic, h.critic_lr)):
             decay, no_decay = self.param_groups(model.parameters(), lr)
             groups += [{**decay, "name": name}, {**no_decay, "name": f"{name}_no_decay"}]
-        opt = torch.optim.AdamW(groups, lr=h.lr, betas=(0.9, 0.95), foreach=True)
+        opt = self.adamw(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
