@@ -71,9 +71,9 @@ def main() -> None:
     else:
         cfg, shapes = TransformerConfig(vocab_size=128, dim=256, n_layers=6, n_heads=8, max_seq_len=512), \
             ((64, 16), (16, 128), (8, 512))
-    peaks = [matmul_peak()]  # measured before and after the runs, the best counts: a noisy neighbour during
+    peaks = [matmul_peak()]  # before and after the runs; the best is the peak (a noisy neighbour during one
     runs = [bench(cfg, b, t, args.steps, args.init_from, args.fused_optimizer) for b, t in shapes]
-    peaks.append(matmul_peak())  # one of them must not pass for the machine's peak (it inflates the MFU)
+    peaks.append(matmul_peak())  # reading would lower it and inflate the MFU)
     peak = max(peaks)
     for r in runs:
         r["mfu"] = r["model_flops_per_s"] / peak

@@ -53,10 +53,14 @@ def _head_logps(hidden, weight, index, temperature: float, with_entropy: bool):
     the logits' own buffer); with entropies, autograd differentiates the formula as written."""
     if not with_entropy:
         return HeadLogps.apply(hidden, weight, index, temperature), None
-    logits = (hidden @ weight.T).float()  # (n, V)
-    if temperature != 1.0:  # x / 1 == x: skipped, not changed
-        logits = logits / temperature
+    logits = _scaled_logits(hidden, weight, temperature)
     return selective_log_softmax(logits, index), entropy_from_logits(logits)
+
+
+def _scaled_logits(hidden, weight, temperature: float) -> torch.Tensor:
+    """(hidden @ weight^T) / temperature in fp32: (n, V)."""
+    logits = (hidden @ weight.T).float()
+    return logits / temperature if temperature != 1.0 else logits  # x / 1 == x: skipped, not changed
 
 
 class HeadLogps(torch.autograd.Function):
@@ -80,9 +84,7 @@ class HeadLogps(torch.autograd.Function):
             else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = (h @ w.T).float()  # (n, V)
-            if temperature != 1.0:  # x / 1 == x: skipped, not changed
-                logits = logits / temperature
+            logits = _scaled_logits(h, w, temperature)
             lse = torch.logsumexp(logits, dim=-1)
             logps = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - lse
         ctx.save_for_backward(h, w, logits, lse, index)
@@ -100,7 +102,7 @@ class HeadLogps(torch.autograd.Function):
         g = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(grad.neg().unsqueeze(-1))  # -g_n * softmax(z_n)
         g.scatter_add_(-1, index.unsqueeze(-1), grad.unsqueeze(-1))  # + g_n at index_n
         if ctx.temperature != 1.0:
-            g = g.div_(ctx.temperature)
+            g.div_(ctx.temperature)
         g = g.to(h.dtype)
         grad_h = (g @ w).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         grad_w = (g.T @ h).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
