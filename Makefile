@@ -86,8 +86,8 @@ $(BENCH_STAMP): $(STAMP)
 REAL := models/smollm2-135m-instruct
 
 bench-real: $(MODEL) $(BENCH_STAMP) ## on SmolLM2-135M-Instruct, side by side: sampling vs transformers (+ roofline), GRPO (full, LoRA) and DPO steps vs TRL, SFT MFU, GRPO memory (benchmarks/results/*smollm2*.json, ~35 min)
-	$(PY) benchmarks/bench_generate.py --init-from $(REAL) --batch 32 --num-samples 8 --new-tokens 64 --repeats 3 --warmup 1 --out benchmarks/results/generate_smollm2.json
-	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --lr 1e-5 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 2 --out benchmarks/results/grpo_vs_trl_smollm2.json
+	$(PY) benchmarks/bench_generate.py --init-from $(REAL) --batch 32 --num-samples 8 --new-tokens 64 --repeats 3 --warmup 1 --int8 --out benchmarks/results/generate_smollm2.json
+	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --lr 1e-5 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 2 --int8 --out benchmarks/results/grpo_vs_trl_smollm2.json
 	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --lr 1e-4 --lora-r 16 --prompts-per-step 8 --steps 3 --warmup 1 --repeats 2 --out benchmarks/results/grpo_vs_trl_smollm2_lora16.json
 	$(PY) benchmarks/bench_dpo_trl.py --init-from $(REAL) --pairs-per-step 16 --steps 6 --warmup 2 --repeats 2 --out benchmarks/results/dpo_vs_trl_smollm2.json
 	$(PY) benchmarks/bench_train.py --init-from $(REAL) --steps 5

@@ -9,7 +9,9 @@ and loaded back as a ``LlamaForCausalLM``, so both sides run identical weights. 
 prompts (lengths 8..16), 32 new tokens, plain sampling (temperature 1, no top-k / top-p), an EOS id
 outside the vocabulary so every row produces exactly 32 tokens, 2 threads. After a warm-up each side is
 timed ``--repeats`` times (interleaved) and the median is reported as generated tokens per second.
-``--init-from DIR`` runs a real checkpoint instead (both sides load DIR); ``--num-samples G`` samples G
+``--int8`` also times our sampler on the int8 copy (``model/int8.py``, the ``int8`` rollout engine: not exact,
+calibrated on the prompts; the copy's making is timed apart and the next-token KL to fp32 recorded), in
+the same interleaved loop. ``--init-from DIR`` runs a real checkpoint instead (both sides load DIR); ``--num-samples G`` samples G
 completions per prompt (ours: one shared prefill, ``num_samples``; transformers: ``num_return_sequences``).
 
 Fairness: transformers runs with its KV cache (``use_cache=True``), no streamer, no scores or
@@ -89,6 +91,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", help="a local HF Llama/Qwen directory (default: the built-in ~5M model)")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--int8", action="store_true", help="also time the int8 copy's sampler (not exact)")
     args = p.parse_args(argv)
 
     import transformers
@@ -122,9 +125,20 @@ def main(argv=None) -> dict:
     tol = 1e-3 if args.init_from else 1e-4  # a real model's logits reach ~40: float32 rounding at that scale
     assert diff < tol, f"ours and transformers disagree on the logits (max |diff| = {diff})"
 
-    def run_ours():
+    int8 = {}
+    if args.int8:
+        from alignlab.model.int8 import int8_copy
+
+        t0 = time.perf_counter()
+        copy = int8_copy(ours, calibration=(ids, mask))
+        int8["copy_seconds"] = round(time.perf_counter() - t0, 3)
+        with torch.no_grad():
+            la, lb = ours(ids, mask)[mask.bool()].log_softmax(-1), copy(ids, mask)[mask.bool()].log_softmax(-1)
+        int8["next_token_kl_mean"] = round(float((la.exp() * (la - lb)).sum(-1).mean()), 4)
+
+    def run_ours(model=ours):
         out = generate(
-            ours,
+            model,
             ids,
             mask,
             args.new_tokens,
@@ -159,13 +173,17 @@ def main(argv=None) -> dict:
         assert out.shape == (args.batch * G, args.prompt_len + args.new_tokens)
 
     load_before = os.getloadavg()[0]  # other processes on the machine skew both sides; recorded below
+    sides = {"ours": run_ours, "hf": run_hf}
+    if args.int8:
+        sides["int8"] = lambda: run_ours(copy)
     for _ in range(args.warmup):
-        run_ours()
-        run_hf()
-    ours_t, hf_t = [], []
-    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both sides alike
-        ours_t += timed(run_ours, 1)
-        hf_t += timed(run_hf, 1)
+        for fn in sides.values():
+            fn()
+    times = {k: [] for k in sides}
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every side alike
+        for k, fn in sides.items():
+            times[k] += timed(fn, 1)
+    ours_t, hf_t = times["ours"], times["hf"]
     n_tokens = args.batch * G * args.new_tokens
     ours_tps, hf_tps = n_tokens / statistics.median(ours_t), n_tokens / statistics.median(hf_t)
     peak, bandwidth = matmul_peak(), memory_bandwidth()
@@ -211,6 +229,10 @@ def main(argv=None) -> dict:
             "hf_fraction": round(roof["seconds"] / statistics.median(hf_t), 3),
         },
     }
+    if args.int8:
+        int8_tps = n_tokens / statistics.median(times["int8"])
+        result["int8"] = {**int8, "seconds": times["int8"], "tokens_per_s": round(int8_tps, 1),
+                          "speedup_vs_hf": round(int8_tps / hf_tps, 2), "vs_ours_fp32": round(int8_tps / ours_tps, 2)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -218,7 +240,9 @@ def main(argv=None) -> dict:
         f"generate B={args.batch}x{G} new={args.new_tokens} threads={args.threads}: ours {ours_tps:,.0f} tok/s, "
         f"transformers {hf_tps:,.0f} tok/s, speedup {ours_tps / hf_tps:.2f}x; roofline {roof['seconds']:.2f} s "
         f"(ours at {result['roofline']['ours_fraction']:.0%} of it, transformers at "
-        f"{result['roofline']['hf_fraction']:.0%}) -> {out}"
+        f"{result['roofline']['hf_fraction']:.0%})"
+        + (f"; int8 copy {result['int8']['tokens_per_s']:,.0f} tok/s ({result['int8']['speedup_vs_hf']:.2f}x "
+           f"transformers, next-token KL {int8['next_token_kl_mean']})" if args.int8 else "") + f" -> {out}"
     )
     return result
 

@@ -111,15 +111,17 @@ def summary(steps: StepTimes, warmup: int, last_k: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- ours
-def run_ours(model_dir: str, cfg: dict, dm: AlignDataModule, max_steps: int) -> tuple[dict, dict]:
+def run_ours(model_dir: str, cfg: dict, dm: AlignDataModule, max_steps: int, int8: bool = False) -> tuple[dict, dict]:
+    """Our GRPO; ``int8``: rollouts by the int8 copy, corrected by token-level truncated importance sampling."""
     L.seed_everything(cfg["seed"], verbose=False)
+    engine = dict(rollout_engine="int8", rollout_correction="token_tis") if int8 else {}
     module = GRPO(init_from=model_dir, num_generations=cfg["num_generations"], max_new_tokens=cfg["max_completion_length"],
                   temperature=cfg["temperature"], beta=cfg["beta"], epsilon=cfg["epsilon"], kl_estimator="k3",
                   scale_rewards="group", loss_agg_mode="seq-mean-token-mean", num_iterations=1, minibatches=1,
                   reward_funcs=[f"alignlab.rewards.rules.{REWARDS[cfg['chat']].__name__}"], lr=cfg["learning_rate"], warmup_steps=0,
                   lr_schedule="constant", weight_decay=0.0, max_grad_norm=1.0, sampling_seed=cfg["seed"],
                   micro_batch_size=cfg["ours_micro_batch_size"],
-                  lora=LoRAConfig(r=cfg["lora_r"], alpha=2.0 * cfg["lora_r"]) if cfg["lora_r"] else None)
+                  lora=LoRAConfig(r=cfg["lora_r"], alpha=2.0 * cfg["lora_r"]) if cfg["lora_r"] else None, **engine)
     steps = StepTimes("train/reward", "completions/mean_length")
     load = os.getloadavg()[0]
     steps.start()
@@ -198,7 +200,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lora-r", type=int, default=0,
                    help="LoRA of rank r on every projection (alpha 2r) on both sides (0 = full fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only (profiling)")
+    p.add_argument("--only", choices=["ours", "trl", "int8"], default=None, help="run one side only (profiling)")
+    p.add_argument("--int8", action="store_true",
+                   help="a third side, ours_int8: our GRPO sampling with the int8 rollout engine + token_tis (not exact)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.last_k < 1 or args.repeats < 1:
         p.error("--steps, --last-k and --repeats must be >= 1, --warmup >= 0")
@@ -233,7 +237,10 @@ def main(argv=None) -> dict:
         results: dict[str, dict] = {}
         runs = {"ours": lambda: run_ours(model_dir, cfg, dm, max_steps),
                 "trl": lambda: run_trl(model_dir, cfg, rows, max_steps, str(Path(tmp) / "trl"))}
-        sides = [side for side in runs if args.only in (None, side)]
+        if args.int8 or args.only == "int8":
+            runs["ours_int8"] = lambda: run_ours(model_dir, cfg, dm, max_steps, int8=True)
+        only = {"int8": "ours_int8"}.get(args.only, args.only)
+        sides = [side for side in runs if only in (None, side)]
         for rep in range(args.repeats):  # alternate the sides: a slow spell of the machine hits both
             for side in sides:
                 steps, load = runs[side]()
@@ -273,6 +280,12 @@ def main(argv=None) -> dict:
         for name, r in (("ours", o), ("TRL", t)):
             print(f"{name:6}{r['steps_per_s']:>9.3f}{r['median_step_s']:>15.3f}{r['median_step_cpu_s']:>12.3f}"
                   f"{r['mean_reward_first_5']:>16.3f}{r[k]:>16.3f}")
+        if "ours_int8" in results:
+            q = results["ours_int8"]
+            result["int8_speedup"] = round(q["steps_per_s"] / t["steps_per_s"], 2)
+            result["int8_vs_ours"] = round(q["steps_per_s"] / o["steps_per_s"], 2)
+            print(f"{'int8':6}{q['steps_per_s']:>9.3f}{q['median_step_s']:>15.3f}{q['median_step_cpu_s']:>12.3f}"
+                  f"{q['mean_reward_first_5']:>16.3f}{q[k]:>16.3f}   ({result['int8_speedup']:.2f}x TRL)")
         print(f"speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time (median of {args.repeats} "
               f"runs of {args.steps} timed steps after {args.warmup} warm-up, {args.prompts_per_step}x{args.num_generations} completions/step, "
               f"{args.threads} threads); run by run {result['speedup_paired']['all']}, "

@@ -310,3 +310,15 @@ def test_grpo_raises_validation_accuracy(scratchpad_sft_export, seed, record):
     assert r["sampled_end"] >= r["sampled_start"] + 0.04, r
     assert r["end"] >= r["start"] - 0.02, r  # greedy accuracy does not fall
     assert r["length_end"] > r["length_start"] + 1.5, r  # the scratchpad took over
+
+
+@learning_seeds(default_run=0)
+def test_grpo_learns_as_much_with_the_int8_sampler_and_token_tis(scratchpad_sft_export, seed, record):
+    """The same run as ``test_grpo_raises_validation_accuracy`` with rollouts sampled by the int8 copy
+    (``rollout_engine=int8``, model/int8.py) and corrected by token-level truncated importance sampling: the
+    same margins hold (measured: docs/scaling.md, "The int8 sampler")."""
+    r = rl_learning_run(GRPO, scratchpad_sft_export, record, seed=seed, rollout_engine="int8",
+                        rollout_correction="token_tis")
+    assert r["sampled_end"] >= r["sampled_start"] + 0.04, r
+    assert r["end"] >= r["start"] - 0.02, r
+    assert r["length_end"] > r["length_start"] + 1.5, r

@@ -39,6 +39,7 @@ from alignlab.algorithms.base import PolicyModule, check, resolve_callable
 from alignlab.algorithms.validation import token_lists
 from alignlab.losses.policy import ROLLOUT_CORRECTIONS, logp_difference, truncated_importance_weights
 from alignlab.model.engines import VLLM_MISSING, VLLMConfig, make_engine, vllm_available
+from alignlab.model.int8 import Int8Config
 
 
 # ----------------------------------------------------------------------------------- the rollout
@@ -164,9 +165,10 @@ class OnPolicyModule(PolicyModule):
         minibatches: int = 1,
         micro_batch_size: int | None = None,
         log_completions_every_n_steps: int = 10,
-        rollout_engine: Literal["alignlab", "vllm"] = "alignlab",
+        rollout_engine: Literal["alignlab", "int8", "vllm"] = "alignlab",
         rollout_sync_every: int = 1,
         vllm: VLLMConfig | None = None,
+        int8: Int8Config | None = None,
         rollout_correction: Literal["none", "token_tis", "sequence_tis"] = "none",
         rollout_correction_cap: float = 3.0,
         **kwargs,
@@ -186,14 +188,16 @@ class OnPolicyModule(PolicyModule):
                 micro-batches, a group's completions kept together, whose gradients add up to the same update
                 (less memory; the fixed log-probs of ``prepare`` use the same chunks).
             log_completions_every_n_steps: write sample completions with rewards to TensorBoard every n steps.
-            rollout_engine: what samples the rollouts: ``alignlab`` (the hand-written sampler, exact) or ``vllm``
-                (a colocated vLLM engine on ``init_from``, weights synced in memory; ``make vllm``,
-                docs/vllm.md). Validation always samples with alignlab's.
+            rollout_engine: what samples the rollouts: ``alignlab`` (the hand-written sampler, exact), ``int8``
+                (the same sampler on an int8 copy of the policy, ~2x faster on a CPU, not exact: model/int8.py,
+                docs/scaling.md) or ``vllm`` (a colocated vLLM engine on ``init_from``, weights synced in memory;
+                ``make vllm``, docs/vllm.md). Validation always samples with alignlab's, on the policy.
             rollout_sync_every: the engine receives the policy's weights before a rollout once the policy has
                 taken this many optimizer steps since the last sync (1 = always current; k > 1 samples with
                 weights up to k - 1 steps old, which the measured difference and the correction then see).
             vllm: options of the vLLM engine (``{dtype, kv_cache_memory_gb, gpu_memory_utilization,
                 tensor_parallel_size, max_model_len, enforce_eager}``, see model/engines.py).
+            int8: options of the int8 engine (``{smoothing, head}``, see model/int8.py).
             rollout_correction: none | token_tis | sequence_tis: multiply each token's policy loss by the
                 truncated importance weight min(pi_old / pi_sampler, cap) of its token, or of its whole sequence
                 (``losses.policy.truncated_importance_weights``). pi_old is then the trainer's.
@@ -220,8 +224,8 @@ class OnPolicyModule(PolicyModule):
         self.reward_paths = reward_funcs
         self.reward_fns = [resolve_callable(p, "reward_funcs") for p in reward_funcs]
         self.reward_weights = [float(w) for w in reward_weights]
-        check(rollout_engine in ("alignlab", "vllm"), "rollout_engine",
-              f"must be alignlab|vllm, got {rollout_engine!r}")
+        check(rollout_engine in ("alignlab", "int8", "vllm"), "rollout_engine",
+              f"must be alignlab|int8|vllm, got {rollout_engine!r}")
         check(rollout_sync_every >= 1, "rollout_sync_every", f"must be >= 1, got {rollout_sync_every}")
         check(rollout_correction in ROLLOUT_CORRECTIONS, "rollout_correction",
               f"must be {'|'.join(ROLLOUT_CORRECTIONS)}, got {rollout_correction!r}")
@@ -230,12 +234,16 @@ class OnPolicyModule(PolicyModule):
             vllm = VLLMConfig(**vllm)
         for key, message in (vllm.errors() if vllm is not None else []):
             check(False, f"vllm.{key}", message)
+        if isinstance(int8, dict):
+            int8 = Int8Config(**int8)
+        for key, message in (int8.errors() if int8 is not None else []):
+            check(False, f"int8.{key}", message)
         if rollout_engine == "vllm":
             check(vllm_available(), "rollout_engine", VLLM_MISSING.removeprefix("model.rollout_engine: "))
             check(self.hparams.init_from is not None, "rollout_engine",
                   "vllm loads the policy from a local HF directory: set model.init_from")
         self.rollout_correction, self.rollout_correction_cap = rollout_correction, rollout_correction_cap
-        self.engine = make_engine(self, rollout_engine, self.hparams.init_from, vllm, rollout_sync_every)
+        self.engine = make_engine(self, rollout_engine, self.hparams.init_from, vllm, rollout_sync_every, int8)
         self.micro_batch_size = micro_batch_size
         self.automatic_optimization = False
         self.rollout_skipped = False  # was the last rollout dropped for non-finite rewards?

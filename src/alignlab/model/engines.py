@@ -7,6 +7,11 @@ so scoring, advantages and losses never know which engine sampled.
     AlignlabEngine   the hand-written sampler on the policy itself (``generate.py``): the reference and the
                      default. ``exact``: its log-probs are the trainer's softmax(logits / T), so pi_old needs
                      no second forward and ``logp - logp_old`` is 0 with one update per rollout.
+    Int8Engine       alignlab's sampler on an int8 copy of the policy (``int8.py``: W8A8 with SmoothQuant's
+                     migration, calibrated on each rollout's prompts), re-made from the policy when it has taken
+                     ``sync_every`` optimizer steps since the last copy. ~2x the fp32 sampler on a CPU; not
+                     ``exact``, so pi_old is recomputed by the trainer and the mismatch measured and correctable,
+                     as for vLLM.
     VLLMEngine       a vLLM engine colocated in the trainer's process (``import vllm`` only when chosen),
                      loaded from ``init_from`` and kept in step with the policy by an in-memory weight sync
                      (``sync``: the policy's HF-named weights, LoRA merged, through vLLM's in-place
@@ -41,8 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
-from alignlab.model.generate import GenerationOutput
+from alignlab.model.generate import GenerationOutput, generate
 from alignlab.model.hf import hf_state_dict
+from alignlab.model.int8 import Int8Config, int8_copy, tensor_bytes
 
 VLLM_MISSING = ("model.rollout_engine: vllm is not installed in this environment; run `make vllm` "
                 "(a separate .venv-vllm, see docs/vllm.md) and train with .venv-vllm/bin/python")
@@ -101,6 +107,47 @@ class AlignlabEngine:
 
     def stats(self) -> dict[str, float]:
         return {}
+
+
+class Int8Engine:
+    """alignlab's sampler on an int8 copy of the policy (``int8.int8_copy``), made at the first rollout after
+    the policy has taken ``sync_every`` optimizer steps since the last copy, calibrated on that rollout's
+    prompts."""
+
+    name = "int8"
+    exact = False  # the copy's log-probs differ from the trainer's by the quantization error
+
+    def __init__(self, module, config: Int8Config, sync_every: int = 1):
+        self.module, self.config, self.sync_every = module, config, sync_every
+        self.copy = None
+        self.synced_step: int | None = None
+        self.stale = True
+        self.memory_mb = 0.0
+        self.last_sync_s = 0.0
+
+    def maybe_sync(self, step: int) -> bool:
+        """Mark the copy stale if the policy has moved ``sync_every`` steps since it was made; the next
+        ``generate`` makes it (the calibration needs that rollout's prompts)."""
+        if self.synced_step is None or step - self.synced_step >= self.sync_every:
+            self.stale, self.synced_step = True, step
+            return True
+        return False
+
+    def stats(self) -> dict[str, float]:
+        """Logged under ``sampling/`` with each rollout."""
+        return {"engine_memory_mb": self.memory_mb, "weight_sync_s": self.last_sync_s}
+
+    def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, num_samples: int = 1, greedy: bool = False) -> GenerationOutput:
+        m = self.module
+        if self.copy is None or self.stale:
+            t = time.perf_counter()
+            self.copy = None  # the old copy's memory first
+            self.copy = int8_copy(m.policy, self.config, calibration=(prompt_ids, prompt_mask))
+            self.last_sync_s, self.memory_mb, self.stale = time.perf_counter() - t, tensor_bytes(self.copy) / 2**20, False
+        return generate(self.copy, prompt_ids, prompt_mask, max_new_tokens, m.eos_id, m.pad_id,
+                        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                        generator=m.generator, num_samples=num_samples)
 
 
 class VLLMEngine:
@@ -238,8 +285,11 @@ def _reload_weights(worker, items) -> None:
         head.quant_method.process_weights_after_loading(head)
 
 
-def make_engine(module, name: str, directory: str | None, config: VLLMConfig | None, sync_every: int):
+def make_engine(module, name: str, directory: str | None, config: VLLMConfig | None, sync_every: int,
+                int8: Int8Config | None = None):
     """The engine ``name`` (``model.rollout_engine``) for ``module``."""
     if name == "alignlab":
         return AlignlabEngine(module)
+    if name == "int8":
+        return Int8Engine(module, int8 or Int8Config(), sync_every)
     return VLLMEngine(module, directory, config or VLLMConfig(), sync_every)
