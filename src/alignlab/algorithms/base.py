@@ -279,15 +279,17 @@ class PolicyModule(NonFiniteGuard, GenerativeValidation, L.LightningModule):
 
     # ------------------------------------------------------------------------- generation
     def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, greedy: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1
-                 ) -> GenerationOutput:
-        was_training = self.policy.training
-        self.policy.eval()
-        out = generate(self.policy, prompt_ids, prompt_mask, max_new_tokens, self.eos_id, self.pad_id,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+                 model=None) -> GenerationOutput:
+        """Sample with the policy (or ``model``, a sampler's copy of it: the int8 rollout engine's)."""
+        model = self.policy if model is None else model
+        was_training = model.training
+        model.eval()
+        out = generate(model, prompt_ids, prompt_mask, max_new_tokens, self.eos_id, self.pad_id,
                        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                        generator=self.generator if prompt_ids.device.type == "cpu" else None,
                        num_samples=num_samples)
-        self.policy.train(was_training)
+        model.train(was_training)
         return out
 
     # -------------------------------------------------------------------------- optimizer

@@ -148,6 +148,16 @@ def _cat_padded(ts: list[torch.Tensor], side: str, pad: int | float = 0) -> torc
     return torch.cat(padded)
 
 
+def engine_options(value, cls, key: str):
+    """An engine's options as ``cls`` (a dict: hyper-parameters read back from a checkpoint, or given plainly),
+    every invalid field reported as ``model.<key>.<field>``."""
+    if isinstance(value, dict):
+        value = cls(**value)
+    for field, message in (value.errors() if value is not None else []):
+        check(False, f"{key}.{field}", message)
+    return value
+
+
 # ------------------------------------------------------------------------------------ the module
 class OnPolicyModule(PolicyModule):
     data_kind = "prompt"
@@ -230,14 +240,7 @@ class OnPolicyModule(PolicyModule):
         check(rollout_correction in ROLLOUT_CORRECTIONS, "rollout_correction",
               f"must be {'|'.join(ROLLOUT_CORRECTIONS)}, got {rollout_correction!r}")
         check(rollout_correction_cap > 0, "rollout_correction_cap", f"must be > 0, got {rollout_correction_cap}")
-        if isinstance(vllm, dict):  # hyper-parameters read back from a checkpoint, or a plain dict
-            vllm = VLLMConfig(**vllm)
-        for key, message in (vllm.errors() if vllm is not None else []):
-            check(False, f"vllm.{key}", message)
-        if isinstance(int8, dict):
-            int8 = Int8Config(**int8)
-        for key, message in (int8.errors() if int8 is not None else []):
-            check(False, f"int8.{key}", message)
+        vllm, int8 = engine_options(vllm, VLLMConfig, "vllm"), engine_options(int8, Int8Config, "int8")
         if rollout_engine == "vllm":
             check(vllm_available(), "rollout_engine", VLLM_MISSING.removeprefix("model.rollout_engine: "))
             check(self.hparams.init_from is not None, "rollout_engine",

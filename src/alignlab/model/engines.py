@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignlab.model.generate import GenerationOutput, generate
+from alignlab.model.generate import GenerationOutput
 from alignlab.model.hf import hf_state_dict
 from alignlab.model.int8 import Int8Config, int8_copy, tensor_bytes
 
@@ -109,7 +109,29 @@ class AlignlabEngine:
         return {}
 
 
-class Int8Engine:
+class SyncedEngine:
+    """What the engines that sample with their own copy of the weights share: the copy is due once the
+    policy has taken ``sync_every`` optimizer steps since it was made, and the cost of making it is logged."""
+
+    def __init__(self, module, sync_every: int = 1):
+        self.module, self.sync_every = module, sync_every
+        self.synced_step: int | None = None  # global step of the weights the engine holds (None: none yet)
+        self.memory_mb = 0.0
+        self.last_sync_s = 0.0
+
+    def due(self, step: int) -> bool:
+        """Is the engine's copy ``sync_every`` steps old (or missing)? If so it counts as made at ``step``."""
+        if self.synced_step is None or step - self.synced_step >= self.sync_every:
+            self.synced_step = step
+            return True
+        return False
+
+    def stats(self) -> dict[str, float]:
+        """Logged under ``sampling/`` with each rollout."""
+        return {"engine_memory_mb": self.memory_mb, "weight_sync_s": self.last_sync_s}
+
+
+class Int8Engine(SyncedEngine):
     """alignlab's sampler on an int8 copy of the policy (``int8.int8_copy``), made at the first rollout after
     the policy has taken ``sync_every`` optimizer steps since the last copy, calibrated on that rollout's
     prompts."""
@@ -118,39 +140,29 @@ class Int8Engine:
     exact = False  # the copy's log-probs differ from the trainer's by the quantization error
 
     def __init__(self, module, config: Int8Config, sync_every: int = 1):
-        self.module, self.config, self.sync_every = module, config, sync_every
+        super().__init__(module, sync_every)
+        self.config = config
         self.copy = None
-        self.synced_step: int | None = None
-        self.stale = True
-        self.memory_mb = 0.0
-        self.last_sync_s = 0.0
 
     def maybe_sync(self, step: int) -> bool:
-        """Mark the copy stale if the policy has moved ``sync_every`` steps since it was made; the next
-        ``generate`` makes it (the calibration needs that rollout's prompts)."""
-        if self.synced_step is None or step - self.synced_step >= self.sync_every:
-            self.stale, self.synced_step = True, step
+        """Drop the copy if the policy has moved ``sync_every`` steps since it was made; the next ``generate``
+        makes a new one (the calibration needs that rollout's prompts)."""
+        if self.due(step):
+            self.copy = None
             return True
         return False
 
-    def stats(self) -> dict[str, float]:
-        """Logged under ``sampling/`` with each rollout."""
-        return {"engine_memory_mb": self.memory_mb, "weight_sync_s": self.last_sync_s}
-
     def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, num_samples: int = 1, greedy: bool = False) -> GenerationOutput:
-        m = self.module
-        if self.copy is None or self.stale:
+        if self.copy is None:
             t = time.perf_counter()
-            self.copy = None  # the old copy's memory first
-            self.copy = int8_copy(m.policy, self.config, calibration=(prompt_ids, prompt_mask))
-            self.last_sync_s, self.memory_mb, self.stale = time.perf_counter() - t, tensor_bytes(self.copy) / 2**20, False
-        return generate(self.copy, prompt_ids, prompt_mask, max_new_tokens, m.eos_id, m.pad_id,
-                        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                        generator=m.generator, num_samples=num_samples)
+            self.copy = int8_copy(self.module.policy, self.config, calibration=(prompt_ids, prompt_mask))
+            self.last_sync_s, self.memory_mb = time.perf_counter() - t, tensor_bytes(self.copy) / 2**20
+        return self.module.generate(prompt_ids, prompt_mask, max_new_tokens, greedy=greedy, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, num_samples=num_samples, model=self.copy)
 
 
-class VLLMEngine:
+class VLLMEngine(SyncedEngine):
     """A vLLM ``LLM`` in this process on ``directory``'s checkpoint, its weights replaced by the policy's
     whenever the policy has taken ``sync_every`` optimizer steps since the last sync."""
 
@@ -160,11 +172,9 @@ class VLLMEngine:
     def __init__(self, module, directory: str, config: VLLMConfig, sync_every: int = 1):
         if not vllm_available():
             raise ImportError(VLLM_MISSING)
-        self.module, self.directory, self.config, self.sync_every = module, str(directory), config, sync_every
+        super().__init__(module, sync_every)
+        self.directory, self.config = str(directory), config
         self.llm = None
-        self.synced_step: int | None = None  # global step of the weights the engine holds (None: the directory's)
-        self.memory_mb = 0.0
-        self.last_sync_s = 0.0
 
     # ------------------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -213,15 +223,10 @@ class VLLMEngine:
         """Sync if the engine never had the policy's weights or they are ``sync_every`` steps old."""
         if self.llm is None:
             self.start()
-        if self.synced_step is None or step - self.synced_step >= self.sync_every:
+        if self.due(step):
             self.sync(self.module.policy)
-            self.synced_step = step
             return True
         return False
-
-    def stats(self) -> dict[str, float]:
-        """Logged under ``sampling/`` with each rollout."""
-        return {"engine_memory_mb": self.memory_mb, "weight_sync_s": self.last_sync_s}
 
     # ------------------------------------------------------------------------------ sampling
     def generate(self, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
