@@ -210,3 +210,21 @@ def test_on_the_real_model_the_int8_copy_keeps_the_next_token_distribution(smoll
     kl = (la.exp() * (la - lb)).sum(-1)
     assert float(kl.mean()) < 0.06, kl
     assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) > 0.85
+
+
+def test_the_int8_options_parse_from_the_command_line_and_survive_a_checkpoint(capsys, tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from alignlab.cli import main
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", f"{root}/base.yaml", "--config", f"{root}/algo/grpo.yaml",
+              "--model.rollout_engine", "int8", "--model.int8.smoothing", "0.3", "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert printed["rollout_engine"] == "int8" and printed["int8"]["smoothing"] == 0.3
+    cfg = Int8Config(smoothing=0.3, head=False)
+    torch.save({"hyper_parameters": {"int8": cfg}}, tmp_path / "c.ckpt")
+    assert torch.load(tmp_path / "c.ckpt", weights_only=True)["hyper_parameters"]["int8"] == cfg
