@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from alignlab.model.generate import Completions, Sampler, draw_blocked, filter_logits, generate, sample
+from alignlab.model.generate import Completions, DecodeBuffers, Sampler, draw_blocked, filter_logits, generate, sample
 from alignlab.model.transformer import KVCache, Transformer, TransformerConfig
 
 EOS, PAD = 1, 0
@@ -225,3 +225,41 @@ def test_outputs_can_enter_a_training_graph():
     assert not any(t.is_inference() for t in (out.completion_ids, out.completion_mask, out.logprobs, out.truncated))
     m(torch.cat([ids, out.completion_ids], 1)).logsumexp(-1).sum().backward()
     assert m.embed_tokens.weight.grad is not None
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_decode_buffers_change_no_token_and_no_log_prob(monkeypatch, num_samples):
+    """The decode loop writes the head's logits and the sampler's weights into two tensors made once
+    (``DecodeBuffers``); without them (a fresh tensor per step, the plain F.linear head) every token and
+    log-prob is bitwise the same: rows that finish early, a vocabulary large enough for the blocked draw."""
+    import alignlab.model.generate as gen
+
+    torch.manual_seed(0)
+    m = Transformer(TransformerConfig(vocab_size=1100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 3, 4, 6, 7]])
+    mask = (ids != 0).long()
+    free = generate(m, ids, mask, 10, -1, PAD, generator=torch.Generator().manual_seed(2), num_samples=num_samples)
+    eos = int(free.completion_ids[:, 2].mode().values)  # some rows stop early, and leave the batch
+    run = lambda: generate(m, ids, mask, 10, eos, PAD, generator=torch.Generator().manual_seed(2),
+                           num_samples=num_samples)
+    heads = []
+    head = gen.DecodeBuffers.head
+    monkeypatch.setattr(gen.DecodeBuffers, "head", lambda self, model, h: heads.append(
+        (out := head(self, model, h)).data_ptr() == self.logits.data_ptr()) or out)
+    with_buffers = run()
+    assert heads and all(heads)  # every step's logits were written into the one buffer
+    monkeypatch.setattr(gen.DecodeBuffers, "head", lambda self, model, h: model.lm_head(h[:, -1]))
+    monkeypatch.setattr(gen.DecodeBuffers, "work_for", lambda self, logits: None)
+    without = run()
+    assert with_buffers.lengths.min() < 10 and torch.equal(with_buffers.completion_ids, without.completion_ids)
+    assert torch.equal(with_buffers.logprobs, without.logprobs)
+    assert torch.equal(with_buffers.completion_mask, without.completion_mask)
+
+
+def test_decode_buffers_leave_a_head_that_is_not_a_plain_linear_alone():
+    torch.manual_seed(0)
+    m = model()
+    m.lm_head = torch.nn.Sequential(m.lm_head)  # e.g. the int8 copy's quantized head
+    buffers = DecodeBuffers(m, 4)
+    h = torch.randn(4, 1, 32)
+    assert buffers.logits is None and torch.equal(buffers.head(m, h), m.lm_head(h[:, -1]))

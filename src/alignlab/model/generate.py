@@ -115,9 +115,11 @@ class Sampler:
             raise ValueError(f"temperature must be > 0 for sampling (got {self.temperature}); "
                              "use greedy=True")
 
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen token of each row (B,) and its log-prob (B,) under softmax(logits / temperature), in
-        fp32 (greedy: under softmax(logits)): logit - logsumexp(logits), never a full-vocab log-softmax."""
+        fp32 (greedy: under softmax(logits)): logit - logsumexp(logits), never a full-vocab log-softmax.
+        ``work``, an fp32 tensor shaped like logits, receives the draw's weights instead of a new one (the same
+        values: see ``DecodeBuffers``)."""
         scaled = logits.float()
         if not self.greedy and self.temperature != 1.0:  # x / 1 == x: the division is skipped, not changed
             scaled = scaled / self.temperature
@@ -128,7 +130,7 @@ class Sampler:
             lse = scaled.logsumexp(-1)
         else:  # one pass serves the draw and the normaliser: the weights exp(scaled - max) sum to exp(lse - max)
             top = scaled.amax(-1, keepdim=True)
-            weights = (scaled - top).exp_()
+            weights = torch.sub(scaled, top, out=work).exp_() if work is not None else (scaled - top).exp_()
             if weights.shape[-1] >= 4 * BLOCK:  # a real vocabulary: two short scans instead of one long one
                 next_tok, total = draw_blocked(weights, self.generator)
             else:
@@ -166,6 +168,33 @@ class Completions:
         completion_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
         truncated = ~is_eos.any(-1)
         return GenerationOutput(tokens, completion_mask.long(), logprobs * completion_mask, truncated)
+
+
+class DecodeBuffers:
+    """The two (B, V) fp32 tensors each decoding step writes, allocated once per ``generate``: the LM head's
+    logits and the sampler's weights exp(logits - max). At a real vocabulary they are 50 MB each for 256 rows,
+    above glibc's largest mmap threshold (32 MB), so a fresh tensor per step is a fresh mmap whose every page
+    faults in as it is written (~30 ms a step on the 2-core VM: as long as the sampler's arithmetic). Row
+    views ``[:B]`` serve the shrinking batch. Same values as without them: ``head`` is the same matmul
+    (``torch.mm`` into ``out``, bitwise F.linear's result: tests/test_generate.py), the weights the same
+    subtraction. A head that is not a plain bias-free ``nn.Linear`` (the int8 copy's) runs as itself."""
+
+    def __init__(self, model: Transformer, rows: int):
+        head = model.lm_head
+        self.weight = head.weight if type(head) is torch.nn.Linear and head.bias is None else None
+        V, device = model.config.vocab_size, model.embed_tokens.weight.device
+        self.logits = None if self.weight is None else torch.empty(rows, V, dtype=self.weight.dtype, device=device)
+        self.work = torch.empty(rows, V, device=device)  # the sampler works in fp32 whatever the model's dtype
+
+    def head(self, model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of the last position's final hidden state (B, 1, C)."""
+        h = hidden[:, -1]
+        if self.weight is None:
+            return model.lm_head(h)
+        return torch.mm(h, self.weight.t(), out=self.logits[: h.shape[0]])
+
+    def work_for(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.work[: logits.shape[0]]
 
 
 def in_inference_mode(fn):
@@ -211,13 +240,14 @@ def generate(
 
     out = Completions(B, max_new_tokens, eos_token_id, pad_token_id, device)
     rows = torch.arange(B, device=device)  # the batch row of each row still in the cache
+    buffers = DecodeBuffers(model, B)
     for t in range(max_new_tokens):
-        next_tok, logp = choose(logits)
+        next_tok, logp = choose(logits, buffers.work_for(logits))
         if out.add(t, next_tok, logp, rows) or t == max_new_tokens - 1:
             break
         live = ~out.done[rows]
         if int(live.sum()) <= 3 * len(rows) // 4:  # a quarter of the rows are done: drop them from the batch
             rows, next_tok, mask = rows[live], next_tok[live], mask[live]
             cache.keep_rows(live)
-        logits = model(next_tok[:, None], mask[:, : P + t + 1], cache=cache)[:, -1]
+        logits = buffers.head(model, model(next_tok[:, None], mask[:, : P + t + 1], cache=cache, return_hidden=True))
     return out.output()
