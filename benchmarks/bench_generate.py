@@ -32,10 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import cpu_model, matmul_peak, memory_bandwidth  # benchmarks/common.py (run as python benchmarks/x.py)
+from common import cpu_id, cpu_model, matmul_peak, memory_bandwidth  # benchmarks/common.py (run as python benchmarks/x.py)
 
 from alignlab.model.generate import generate
 from alignlab.model.hf import load_hf, save_hf
+from alignlab.model.int8 import int8_matmul_speedup
 from alignlab.model.transformer import Transformer, TransformerConfig
 
 
@@ -192,6 +193,7 @@ def main(argv=None) -> dict:
     result = {
         "machine": {
             "cpu": cpu_model(),
+            "cpu_id": cpu_id(), "int8_matmul_speedup": round(int8_matmul_speedup(), 3),
             "platform": platform.platform(),
             "python": sys.version.split()[0],
             "torch": torch.__version__,

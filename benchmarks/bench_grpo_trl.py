@@ -58,10 +58,11 @@ except ImportError:
 
 import lightning as L
 import torch
-from common import StepTimes, cpu_model, median_runs, quiet_libraries, quiet_trainer  # benchmarks/common.py (run as python benchmarks/x.py)
+from common import StepTimes, cpu_id, cpu_model, median_runs, quiet_libraries, quiet_trainer  # benchmarks/common.py (run as python benchmarks/x.py)
 
 from alignlab.algorithms import GRPO, SFT
 from alignlab.data.datamodule import AlignDataModule
+from alignlab.model.int8 import int8_matmul_speedup
 from alignlab.model.lora import LORA_TARGETS, LoRAConfig
 from alignlab.model.transformer import TransformerConfig
 from alignlab.rewards.rules import accuracy_reward, answer_accuracy_reward
@@ -251,7 +252,7 @@ def main(argv=None) -> dict:
 
     result = {
         "machine": {
-            "cpu": cpu_model(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "cpu": cpu_model(), "cpu_id": cpu_id(), "int8_matmul_speedup": round(int8_matmul_speedup(), 3), "platform": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "lightning": L.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         },

@@ -21,6 +21,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_id() -> str:
+    """'family F model M' and the int8 dot-product flags from /proc/cpuinfo (Linux), e.g. 'family 25 model 1,
+    int8 dot: none' (AMD Zen 3): one "AMD EPYC" model name covers CPUs whose int8 matmuls differ 20-50x."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                    if ":" in line)
+    except OSError:
+        return "unknown"
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    dot = [f for f in ("avx_vnni", "avx512_vnni", "amx_int8") if f in info.get("flags", "").split()]
+    return f"family {info.get('cpu family', '?')} model {info.get('model', '?')}, int8 dot: {' '.join(dot) or 'none'}"
+
+
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """The machine's fp32 matmul peak on the current threads, FLOP/s: the best of several n x n products."""
     import torch

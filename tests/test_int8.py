@@ -2,16 +2,21 @@
 computes exactly its formula (int32 sums), the migration is exact before rounding and lowers the error on
 an outlier channel, the copy leaves the policy alone and merges LoRA, its decoded log-probs are its own
 one-pass log-probs, and in GRPO it is an inexact engine whose mismatch is measured and corrected. The
-learning run: test_grpo.py::test_grpo_learns_as_much_with_the_int8_sampler_and_token_tis (slow)."""
+learning run: test_grpo.py::test_grpo_learns_as_much_with_the_int8_sampler_and_token_tis (slow). Where an int8
+matmul is slower than fp32 (an AVX2-only CPU), the engine says so when it is made."""
+
+import time
+import warnings
 
 import pytest
 import torch
 
 from alignlab.algorithms import GRPO
+from alignlab.model import engines
 from alignlab.losses.lm import selective_log_softmax
 from alignlab.model.engines import Int8Engine
 from alignlab.model.generate import generate
-from alignlab.model.int8 import QMAX, Int8Config, Int8Linear, input_amax, int8_copy, quantize_rows
+from alignlab.model.int8 import QMAX, Int8Config, Int8Linear, input_amax, int8_copy, int8_matmul_speedup, quantize_rows
 from alignlab.model.lora import LoRAConfig, apply_lora, merged_state_dict
 from alignlab.model.transformer import Transformer
 from conftest import datamodule, tiny_arch
@@ -228,3 +233,28 @@ def test_the_int8_options_parse_from_the_command_line_and_survive_a_checkpoint(c
     cfg = Int8Config(smoothing=0.3, head=False)
     torch.save({"hyper_parameters": {"int8": cfg}}, tmp_path / "c.ckpt")
     assert torch.load(tmp_path / "c.ckpt", weights_only=True)["hyper_parameters"]["int8"] == cfg
+
+
+def test_int8_matmul_speedup_is_below_one_where_the_int8_matmul_is_the_slower(monkeypatch):
+    int_mm = torch._int_mm
+
+    def slow_int_mm(a, b):
+        time.sleep(0.01)
+        return int_mm(a, b)
+
+    speedup = int8_matmul_speedup.__wrapped__  # uncached
+    monkeypatch.setattr(torch, "_int_mm", slow_int_mm)
+    assert 0 < speedup(8, 32, 32, repeats=3) < 0.5  # an 8x32x32 fp32 matmul takes microseconds, not 10 ms
+
+
+@pytest.mark.parametrize("ratio,warns", [(0.04, True), (1.8, False)])
+def test_the_int8_engine_warns_where_its_matmul_is_slower_than_fp32(monkeypatch, ratio, warns):
+    monkeypatch.setattr(engines, "int8_matmul_speedup", lambda: ratio)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = grpo()
+    said = [str(w.message) for w in caught if "rollout_engine=int8" in str(w.message)]
+    assert said == ([f"model.rollout_engine=int8: an int8 matmul (torch._int_mm) is 25x slower than fp32 on this "
+                     f"CPU (no int8 dot-product instruction such as AVX-VNNI): the int8 copy will make sampling "
+                     f"slower, not faster; model.rollout_engine=native is the fast choice here"] if warns else [])
+    assert module.engine.stats()["int8_matmul_speedup"] == ratio  # logged as sampling/int8_matmul_speedup

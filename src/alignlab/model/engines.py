@@ -45,10 +45,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from alignlab.model.generate import GenerationOutput
 from alignlab.model.hf import hf_state_dict
-from alignlab.model.int8 import Int8Config, int8_copy, tensor_bytes
+from alignlab.model.int8 import Int8Config, int8_copy, int8_matmul_speedup, tensor_bytes
 
 VLLM_MISSING = ("model.rollout_engine: vllm is not installed in this environment; run `make vllm` "
                 "(a separate .venv-vllm, see docs/vllm.md) and train with .venv-vllm/bin/python")
@@ -143,6 +144,12 @@ class Int8Engine(SyncedEngine):
         super().__init__(module, sync_every)
         self.config = config
         self.copy = None
+        self.matmul_speedup = int8_matmul_speedup()
+        if self.matmul_speedup < 1:
+            rank_zero_warn(
+                f"model.rollout_engine=int8: an int8 matmul (torch._int_mm) is {1 / self.matmul_speedup:.0f}x slower "
+                f"than fp32 on this CPU (no int8 dot-product instruction such as AVX-VNNI): the int8 copy will make "
+                f"sampling slower, not faster; model.rollout_engine=native is the fast choice here")
 
     def maybe_sync(self, step: int) -> bool:
         """Drop the copy if the policy has moved ``sync_every`` steps since it was made; the next ``generate``
@@ -160,6 +167,9 @@ class Int8Engine(SyncedEngine):
             self.last_sync_s, self.memory_mb = time.perf_counter() - t, tensor_bytes(self.copy) / 2**20
         return self.module.generate(prompt_ids, prompt_mask, max_new_tokens, greedy=greedy, temperature=temperature,
                                     top_k=top_k, top_p=top_p, num_samples=num_samples, model=self.copy)
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), "int8_matmul_speedup": self.matmul_speedup}
 
 
 class VLLMEngine(SyncedEngine):

@@ -29,11 +29,16 @@ Everything else of the copy (embedding, RMSNorm, RoPE, attention over the KV cac
 The copy is not the trainer's model: its log-probs are not pi_old. The trainer therefore recomputes pi_old
 itself and the truncated importance weights of ``model.rollout_correction`` correct for the difference
 (``OnPolicyModule.correct_rollout``, as for vLLM). CPU only (``torch._int_mm``'s CUDA kernel has shape limits;
-on GPUs use the vLLM engine).
+on GPUs use the vLLM engine). The speed needs an int8 dot-product instruction (AVX-VNNI, AVX512-VNNI, AMX): on
+an AVX2-only CPU such as AMD Zen 3, ``torch._int_mm`` takes a slow path, 20-30x slower than an fp32 matmul, and
+the copy makes sampling slower, not faster; ``int8_matmul_speedup`` measures this and the engine warns.
 """
 
 from __future__ import annotations
 
+import functools
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +73,29 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
     return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
+
+
+@functools.lru_cache(maxsize=None)
+def int8_matmul_speedup(m: int = 64, k: int = 576, n: int = 1536, repeats: int = 5) -> float:
+    """fp32 matmul time / ``torch._int_mm`` time (medians of ``repeats``) at one (m, k) x (k, n) shape, with the
+    current threads: > 1 where int8 pays (a CPU with an int8 dot-product instruction), ~0.03-0.05 on an
+    AVX2-only CPU (AMD Zen 3, measured). Once per process and shape (a few ms to ~100 ms)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-QMAX, QMAX + 1, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-QMAX, QMAX + 1, (n, k), dtype=torch.int8, generator=g)
+    af, wf = a.float(), w.float()
+
+    def median_s(fn) -> float:
+        fn()  # warm-up (kernel selection, first-touch of the output)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        return median_s(lambda: af @ wf.T) / median_s(lambda: torch._int_mm(a, w.T))
 
 
 class Int8Linear(nn.Module):
