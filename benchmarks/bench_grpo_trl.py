@@ -252,7 +252,8 @@ def main(argv=None) -> dict:
 
     result = {
         "machine": {
-            "cpu": cpu_model(), "cpu_id": cpu_id(), "int8_matmul_speedup": round(int8_matmul_speedup(), 3), "platform": platform.platform(), "python": sys.version.split()[0],
+            "cpu": cpu_model(), "cpu_id": cpu_id(), "int8_matmul_speedup": round(int8_matmul_speedup(), 3),
+            "platform": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "lightning": L.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         },

@@ -10,26 +10,27 @@ from pathlib import Path
 import lightning as L
 
 
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (Linux; {} elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    pairs = (line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
 def cpu_id() -> str:
     """'family F model M' and the int8 dot-product flags from /proc/cpuinfo (Linux), e.g. 'family 25 model 1,
-    int8 dot: none' (AMD Zen 3): one "AMD EPYC" model name covers CPUs whose int8 matmuls differ 20-50x."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                    if ":" in line)
-    except OSError:
+    int8 dot: none' (AMD Zen 3): one "AMD EPYC" model name covers CPUs whose int8 matmuls differ 20-30x."""
+    info = cpuinfo()
+    if not info:
         return "unknown"
-    info = {k.strip(): v.strip() for k, v in info.items()}
     dot = [f for f in ("avx_vnni", "avx512_vnni", "amx_int8") if f in info.get("flags", "").split()]
     return f"family {info.get('cpu family', '?')} model {info.get('model', '?')}, int8 dot: {' '.join(dot) or 'none'}"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from alignlab.algorithms import GRPO
-from alignlab.model import engines
 from alignlab.losses.lm import selective_log_softmax
+from alignlab.model import engines
 from alignlab.model.engines import Int8Engine
 from alignlab.model.generate import generate
 from alignlab.model.int8 import QMAX, Int8Config, Int8Linear, input_amax, int8_copy, int8_matmul_speedup, quantize_rows

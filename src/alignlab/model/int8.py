@@ -30,7 +30,7 @@ The copy is not the trainer's model: its log-probs are not pi_old. The trainer t
 itself and the truncated importance weights of ``model.rollout_correction`` correct for the difference
 (``OnPolicyModule.correct_rollout``, as for vLLM). CPU only (``torch._int_mm``'s CUDA kernel has shape limits;
 on GPUs use the vLLM engine). The speed needs an int8 dot-product instruction (AVX-VNNI, AVX512-VNNI, AMX): on
-an AVX2-only CPU such as AMD Zen 3, ``torch._int_mm`` takes a slow path, 20-30x slower than an fp32 matmul, and
+an AVX2-only CPU such as AMD Zen 3, ``torch._int_mm`` takes a slow path, ~20x slower than an fp32 matmul, and
 the copy makes sampling slower, not faster; ``int8_matmul_speedup`` measures this and the engine warns.
 """
 
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
+import timeit
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +87,7 @@ def int8_matmul_speedup(m: int = 64, k: int = 576, n: int = 1536, repeats: int =
 
     def median_s(fn) -> float:
         fn()  # warm-up (kernel selection, first-touch of the output)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
     with torch.inference_mode():
         return median_s(lambda: af @ wf.T) / median_s(lambda: torch._int_mm(a, w.T))
