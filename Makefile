@@ -17,7 +17,7 @@ VLLM_LOCK := requirements-vllm.lock
 VLLM_VERSION := 0.32.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model train test test-slow learning-spread bench bench-real ablation results tensorboard clean-logs vllm lock-vllm test-vllm bench-vllm
+.PHONY: help install lock model train test test-slow learning-spread bench bench-real bench-real-curve ablation results tensorboard clean-logs vllm lock-vllm test-vllm bench-vllm
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -92,6 +92,9 @@ bench-real: $(MODEL) $(BENCH_STAMP) ## on SmolLM2-135M-Instruct, side by side: s
 	$(PY) benchmarks/bench_dpo_trl.py --init-from $(REAL) --pairs-per-step 16 --steps 6 --warmup 2 --repeats 2 --out benchmarks/results/dpo_vs_trl_smollm2.json
 	$(PY) benchmarks/bench_train.py --init-from $(REAL) --steps 5
 	$(PY) benchmarks/bench_real_memory.py
+
+bench-real-curve: $(MODEL) $(BENCH_STAMP) ## GRPO's reward curve against TRL's on SmolLM2-135M-Instruct, 20 steps for seeds 0 1 2 on each side, and the speed ratio (benchmarks/results/grpo_vs_trl_smollm2_curve.json, ~65 min)
+	$(PY) benchmarks/bench_grpo_trl.py --init-from $(REAL) --chat --max-completion-length 32 --lr 1e-5 --prompts-per-step 4 --steps 20 --warmup 0 --seeds 0 1 2 --last-k 5 --out benchmarks/results/grpo_vs_trl_smollm2_curve.json
 
 ablation: $(STAMP) ## DAPO ablation, GRPO + each DAPO technique in turn: SEEDS="0 1 2" STEPS=100 (DRY=1: 2 steps each) -> results/ablation.{md,png}
 	$(PY) -m alignlab.ablation run --seeds $(SEEDS) --steps $(STEPS) $(if $(DRY),--dry-run)

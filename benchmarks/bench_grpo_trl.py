@@ -32,6 +32,9 @@ Each side runs ``--repeats`` times, alternating (ours, TRL, ours, TRL, ...), and
 is reported (every run is kept in the JSON): this machine's speed drifts by 10-20% from minute to minute.
 ``speedup_paired`` divides each of our runs by the TRL run right after it (the median of those ratios is
 less sensitive to a drift over the whole benchmark than the ratio of the two medians).
+``--seeds 0 1 2`` runs each side once per seed instead (the same prompts; the seed sets the samples) and adds
+``reward_curve`` to the JSON: each step's mean reward +- std over the seeds, each seed's mean over its last
+``--last-k`` steps, and ours - TRL in pooled stds -- whether the two follow the same reward curve.
 The machine's load average before and after each run is recorded, since other processes slow both sides.
 Each step's process CPU time is recorded as well: on a shared machine it measures the work done, where wall
 time also counts the wait for a core (and, with 2+ threads on an oversubscribed machine, every OpenMP
@@ -109,6 +112,30 @@ def summary(steps: StepTimes, warmup: int, last_k: int) -> dict:
         "mean_reward_first_5": round(statistics.mean(rewards[:5]), 4),
         "mean_completion_length": [round(x, 2) for x in lengths],
     }
+
+
+def reward_curves(results: dict[str, dict], last_k: int) -> dict:
+    """Over the runs of each side (one per ``--seeds`` seed): each step's mean reward +- std over seeds, and each
+    seed's mean over its last ``last_k`` steps, with their mean +- std; then ours - TRL in units of the pooled std."""
+    out: dict[str, dict] = {}
+    for side, r in results.items():
+        curves = [run["rewards"] for run in r["repeats"]]
+        last = [statistics.mean(c[-last_k:]) for c in curves]
+        out[side] = {
+            "seeds": [run["seed"] for run in r["repeats"]],
+            "per_step_mean": [round(statistics.mean(x), 4) for x in zip(*curves)],
+            "per_step_std": [round(statistics.stdev(x), 4) if len(x) > 1 else 0.0 for x in zip(*curves)],
+            f"last_{last_k}_per_seed": [round(x, 4) for x in last],
+            f"last_{last_k}_mean": round(statistics.mean(last), 4),
+            f"last_{last_k}_std": round(statistics.stdev(last), 4) if len(last) > 1 else 0.0,
+        }
+    if "ours" in out and "trl" in out:
+        o, t = out["ours"], out["trl"]
+        pooled = ((o[f"last_{last_k}_std"] ** 2 + t[f"last_{last_k}_std"] ** 2) / 2) ** 0.5
+        diff = o[f"last_{last_k}_mean"] - t[f"last_{last_k}_mean"]
+        out["ours_minus_trl"] = {f"last_{last_k}": round(diff, 4), "pooled_std": round(pooled, 4),
+                                 "in_pooled_stds": round(diff / pooled, 2) if pooled > 0 else None}
+    return out
 
 
 # ------------------------------------------------------------------------------------------- ours
@@ -201,6 +228,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lora-r", type=int, default=0,
                    help="LoRA of rank r on every projection (alpha 2r) on both sides (0 = full fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="one run per side for each of these seeds instead of --repeats runs of --seed: the reward "
+                        "curve over seeds ('reward_curve' in the JSON: per-step mean +- std, last-K mean +- std)")
     p.add_argument("--only", choices=["ours", "trl", "int8"], default=None, help="run one side only (profiling)")
     p.add_argument("--int8", action="store_true",
                    help="a third side, ours_int8: our GRPO sampling with the int8 rollout engine + token_tis (not exact)")
@@ -236,18 +266,23 @@ def main(argv=None) -> dict:
             rows += [{"prompt": q, "answer": a} for q, a in zip(batch["prompt"], batch["answer"])]
 
         results: dict[str, dict] = {}
-        runs = {"ours": lambda: run_ours(model_dir, cfg, dm, max_steps),
-                "trl": lambda: run_trl(model_dir, cfg, rows, max_steps, str(Path(tmp) / "trl"))}
+        runs = {"ours": lambda c: run_ours(model_dir, c, dm, max_steps),
+                "trl": lambda c: run_trl(model_dir, c, rows, max_steps, str(Path(tmp) / "trl"))}
         if args.int8 or args.only == "int8":
-            runs["ours_int8"] = lambda: run_ours(model_dir, cfg, dm, max_steps, int8=True)
+            runs["ours_int8"] = lambda c: run_ours(model_dir, c, dm, max_steps, int8=True)
         only = {"int8": "ours_int8"}.get(args.only, args.only)
         sides = [side for side in runs if only in (None, side)]
-        for rep in range(args.repeats):  # alternate the sides: a slow spell of the machine hits both
+        # the prompts are the same for every seed (their order is the data seed's); the seed sets the
+        # initialisation of the random number streams, hence the samples
+        seeds = args.seeds or [args.seed] * args.repeats
+        for rep, seed in enumerate(seeds):  # alternate the sides: a slow spell of the machine hits both
             for side in sides:
-                steps, load = runs[side]()
-                run = {**summary(steps, args.warmup, args.last_k), **load}
+                steps, load = runs[side]({**cfg, "seed": seed})
+                run = {"seed": seed, **summary(steps, args.warmup, args.last_k), **load}
                 results.setdefault(side, {"repeats": []})["repeats"].append(run)
-                print(f"{side:5} run {rep + 1}/{args.repeats}: {run['steps_per_s']:.3f} steps/s", flush=True)
+                print(f"{side:5} run {rep + 1}/{len(seeds)} (seed {seed}): {run['steps_per_s']:.3f} steps/s, "
+                      f"mean reward {statistics.mean(run['rewards']):.3f}", flush=True)
+        curves = reward_curves(results, args.last_k) if args.seeds else None
         median_runs(results)  # the median run's numbers; every run is kept under "repeats"
 
     result = {
@@ -258,7 +293,7 @@ def main(argv=None) -> dict:
             "lightning": L.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         },
         "model": {"name": args.model, **MODELS[args.model][0], **init},
-        "config": {**cfg, "warmup_steps": args.warmup, "timed_steps": args.steps, "last_k": args.last_k,
+        "config": {**cfg, "seeds": seeds, "warmup_steps": args.warmup, "timed_steps": args.steps, "last_k": args.last_k,
                    "completions_per_step": args.prompts_per_step * args.num_generations, "num_iterations": 1,
                    "kl_estimator": "k3", "scale_rewards": "group", "loss": "seq-mean-token-mean (TRL loss_type=grpo)",
                    "lr_schedule": "constant", "adam_betas": [0.9, 0.95], "max_grad_norm": 1.0,
@@ -266,6 +301,7 @@ def main(argv=None) -> dict:
                    "reward": f"alignlab.rewards.rules.{REWARDS[args.chat].__name__}",
                    "task": CHAT_TASK if args.chat else TASK},
         **results,
+        **({"reward_curve": curves} if curves else {}),
     }
     if "ours" in results and "trl" in results:
         o, t = results["ours"], results["trl"]
@@ -288,10 +324,19 @@ def main(argv=None) -> dict:
             result["int8_vs_ours"] = round(q["steps_per_s"] / o["steps_per_s"], 2)
             print(f"{'int8':6}{q['steps_per_s']:>9.3f}{q['median_step_s']:>15.3f}{q['median_step_cpu_s']:>12.3f}"
                   f"{q['mean_reward_first_5']:>16.3f}{q[k]:>16.3f}   ({result['int8_speedup']:.2f}x TRL)")
-        print(f"speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time (median of {args.repeats} "
+        print(f"speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time (median of {len(seeds)} "
               f"runs of {args.steps} timed steps after {args.warmup} warm-up, {args.prompts_per_step}x{args.num_generations} completions/step, "
               f"{args.threads} threads); run by run {result['speedup_paired']['all']}, "
               f"median {result['speedup_paired']['median']:.2f}x")
+    if curves:
+        k = f"last_{args.last_k}"
+        for side in sides:
+            c = curves[side]
+            print(f"reward over seeds {c['seeds']}, {side:9}: mean of the last {args.last_k} steps "
+                  f"{c[k + '_mean']:.3f} +- {c[k + '_std']:.3f}; per step {c['per_step_mean']}")
+        if "ours_minus_trl" in curves:
+            d = curves["ours_minus_trl"]
+            print(f"ours - TRL: {d[k]:+.3f} ({d['in_pooled_stds']} pooled stds)")
     out = Path(args.out or f"benchmarks/results/grpo_vs_trl_{args.model}{'_bf16' if args.bf16 else ''}"
                            f"{f'_lora{args.lora_r}' if args.lora_r else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
