@@ -248,3 +248,34 @@ def test_sigkill_then_resume_with_the_reference_reloaded_from_init_from(variant,
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: ckpt_path: {ckpt_path} expects the frozen weights of ") and "now holds other" in err
+
+
+@pytest.mark.parametrize("ckpt_path", ["last", "file"])
+def test_a_resumed_run_keeps_the_checkpoints_hyper_parameters_and_names_each_ignored_value(ckpt_path, tmp_path,
+                                                                                          monkeypatch, recwarn):
+    """``--ckpt_path FILE`` and ``--ckpt_path last`` agree: the checkpoint's ``model.init_args`` win over the
+    configured ones (Lightning's restore), and a warning names each configured value that is not used."""
+    from alignlab.cli import CheckCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    main(cli_args("grpo", tmp_path, "run.jsonl", 2))  # lr 1e-3, temperature 1.0
+    last = tmp_path / "logs" / "grpo" / "version_0" / "checkpoints" / "last.ckpt"
+    path = "last" if ckpt_path == "last" else str(last)
+    args = cli_args("grpo", tmp_path, "more.jsonl", 4) + ["--ckpt_path", path]
+
+    changed = main(args + ["--model.init_args.lr=5e-4", "--model.init_args.temperature=0.7"], cli_class=CheckCLI)
+    assert changed.model.hparams.lr == 1e-3 and changed.model.hparams.temperature == 1.0  # the checkpoint's
+    found = changed.config.fit.ckpt_path
+    assert Path(found).resolve() == last.resolve()  # "last" found the run
+    messages = [str(w.message) for w in recwarn if "keeps its checkpoint's hyper-parameters" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert f"ckpt_path: {found}:" in messages[0]
+    assert "model.init_args.lr=0.0005 (checkpoint: 0.001)" in messages[0]
+    assert "model.init_args.temperature=0.7 (checkpoint: 1.0)" in messages[0]
+    assert "max_new_tokens" not in messages[0]  # configured as in the checkpoint: not named
+
+    recwarn.clear()
+    same = main(args, cli_class=CheckCLI)  # the run's own values: nothing to warn about
+    assert same.model.hparams.lr == 1e-3
+    assert not [w for w in recwarn if "keeps its checkpoint's hyper-parameters" in str(w.message)]

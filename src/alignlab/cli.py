@@ -22,10 +22,16 @@ Resume::
                                 into that run's directory (its config is kept; this one goes to
                                 config.resume.yaml); an error if there is none
     ... --ckpt_path FILE        resume FILE: it must be a checkpoint of this algorithm and model shape
+
+Either way the run goes on with the checkpoint's model hyper-parameters (``model.init_args``: learning rate,
+temperature, ...), as Lightning restores them, so that a resumed run is the run it continues; a configured
+``--model.*`` value that differs is not used, and a warning names each one with the checkpoint's value.
+The data and trainer settings are the configured ones (``--trainer.max_steps`` extends a run).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -40,6 +46,7 @@ import lightning as L
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 import alignlab
 from alignlab.algorithms.base import NonFiniteError
@@ -132,6 +139,20 @@ def with_run_names(args: list[str]) -> list[str]:
     return out
 
 
+def warn_ignored_hparams(ckpt_path, model_config, hparams: dict) -> None:
+    """Resuming restores the checkpoint's model hyper-parameters (Lightning's ``_parse_ckpt_path``) over the
+    configured ones: warn, naming each configured ``model.init_args`` value that the checkpoint's replaces."""
+    configured = model_config.get("init_args")
+    configured = configured.as_dict() if hasattr(configured, "as_dict") else dict(configured or {})
+    same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    ignored = [f"model.init_args.{k}={configured[k]!r} (checkpoint: {hparams[k]!r})"
+               for k in sorted(configured.keys() & hparams.keys())
+               if not k.startswith("_") and not same(configured[k], hparams[k])]
+    if ignored:
+        rank_zero_warn(f"ckpt_path: {ckpt_path}: a resumed run keeps its checkpoint's hyper-parameters, so these "
+                       f"configured values are not used: {', '.join(ignored)} (to train with them, start a new run)")
+
+
 class AlignCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         # the tokenizer comes from the same directory as the weights
@@ -150,9 +171,31 @@ class AlignCLI(LightningCLI):
             super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        if subcommand == "fit" and config.get("ckpt_path") == "last":
+            self.resolve_last(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path, resolve(config.model.class_path))
+            ckpt = read_checkpoint(ckpt_path, resolve(config.model.class_path))
+            warn_ignored_hparams(ckpt_path, config.model, ckpt.get("hyper_parameters") or {})
+
+    def resolve_last(self, config) -> None:
+        """``--ckpt_path last``: Lightning looks only in the new run's directory (a new version_N, empty), so
+        find the previous run's last.ckpt and continue that run (same version directory). Resolved here, before
+        Lightning's ``_parse_ckpt_path``, so that ``last`` restores the checkpoint's hyper-parameters as a
+        file path does."""
+        logger = config.trainer.get("logger")
+        if not logger or isinstance(logger, (bool, list)) or "init_args" not in logger:
+            return  # no TensorBoard run directory: Lightning's own lookup
+        args = logger.init_args
+        save_dir = args.get("save_dir") or config.trainer.get("default_root_dir") or "."
+        name = args.get("name") or "lightning_logs"
+        last = find_last_checkpoint(save_dir, name)
+        if last is None:  # Lightning would warn and start a fresh run
+            raise FileNotFoundError(f"--ckpt_path last: no {Path(save_dir, name)}/version_*/checkpoints/"
+                                    f"last.ckpt to resume (leave --ckpt_path out to start a new run)")
+        config.ckpt_path = str(last)
+        args.version = last.parent.parent.name
+        self.save_config_kwargs.update(config_filename="config.resume.yaml", overwrite=True)
 
     def before_fit(self) -> None:
         """Every check that can fail on bad input, before Lightning writes the run directory."""
@@ -187,25 +230,6 @@ class AlignCLI(LightningCLI):
             if found:
                 raise FileExistsError(f"{arg}: {d} already holds a run ({found[0]}); not overwriting it: pick "
                                       f"another version, or resume that run with --ckpt_path")
-
-    def before_instantiate_classes(self) -> None:
-        """``--ckpt_path last``: Lightning looks only in the new run's directory (a new version_N, empty), so
-        find the previous run's last.ckpt here and continue that run (same version directory)."""
-        if self.subcommand != "fit" or self.config.fit.get("ckpt_path") != "last":
-            return
-        logger = self.config.fit.trainer.get("logger")
-        if not logger or isinstance(logger, (bool, list)) or "init_args" not in logger:
-            return  # no TensorBoard run directory: Lightning's own lookup
-        args = logger.init_args
-        save_dir = args.get("save_dir") or self.config.fit.trainer.get("default_root_dir") or "."
-        name = args.get("name") or "lightning_logs"
-        last = find_last_checkpoint(save_dir, name)
-        if last is None:  # Lightning would warn and start a fresh run
-            raise FileNotFoundError(f"--ckpt_path last: no {Path(save_dir, name)}/version_*/checkpoints/"
-                                    f"last.ckpt to resume (leave --ckpt_path out to start a new run)")
-        self.config.fit.ckpt_path = str(last)
-        args.version = last.parent.parent.name
-        self.save_config_kwargs.update(config_filename="config.resume.yaml", overwrite=True)
 
 
 class CheckCLI(AlignCLI):
