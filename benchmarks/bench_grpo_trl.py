@@ -63,6 +63,7 @@ import lightning as L
 import torch
 from common import StepTimes, cpu_id, cpu_model, median_runs, quiet_libraries, quiet_trainer  # benchmarks/common.py (run as python benchmarks/x.py)
 
+from alignlab.ablation import mean_std
 from alignlab.algorithms import GRPO, SFT
 from alignlab.data.datamodule import AlignDataModule
 from alignlab.model.int8 import int8_matmul_speedup
@@ -118,23 +119,25 @@ def reward_curves(results: dict[str, dict], last_k: int) -> dict:
     """Over the runs of each side (one per ``--seeds`` seed): each step's mean reward +- std over seeds, and each
     seed's mean over its last ``last_k`` steps, with their mean +- std; then ours - TRL in units of the pooled std."""
     out: dict[str, dict] = {}
+    last_mean_std = {}
     for side, r in results.items():
         curves = [run["rewards"] for run in r["repeats"]]
-        last = [statistics.mean(c[-last_k:]) for c in curves]
+        last = [statistics.fmean(c[-last_k:]) for c in curves]
+        per_step = [mean_std(x) for x in zip(*curves)]
+        last_mean_std[side] = mean_std(last)
         out[side] = {
             "seeds": [run["seed"] for run in r["repeats"]],
-            "per_step_mean": [round(statistics.mean(x), 4) for x in zip(*curves)],
-            "per_step_std": [round(statistics.stdev(x), 4) if len(x) > 1 else 0.0 for x in zip(*curves)],
+            "per_step_mean": [round(m, 4) for m, _ in per_step],
+            "per_step_std": [round(sd, 4) for _, sd in per_step],
             f"last_{last_k}_per_seed": [round(x, 4) for x in last],
-            f"last_{last_k}_mean": round(statistics.mean(last), 4),
-            f"last_{last_k}_std": round(statistics.stdev(last), 4) if len(last) > 1 else 0.0,
+            f"last_{last_k}_mean": round(last_mean_std[side][0], 4),
+            f"last_{last_k}_std": round(last_mean_std[side][1], 4),
         }
     if "ours" in out and "trl" in out:
-        o, t = out["ours"], out["trl"]
-        pooled = ((o[f"last_{last_k}_std"] ** 2 + t[f"last_{last_k}_std"] ** 2) / 2) ** 0.5
-        diff = o[f"last_{last_k}_mean"] - t[f"last_{last_k}_mean"]
-        out["ours_minus_trl"] = {f"last_{last_k}": round(diff, 4), "pooled_std": round(pooled, 4),
-                                 "in_pooled_stds": round(diff / pooled, 2) if pooled > 0 else None}
+        (o, o_sd), (t, t_sd) = last_mean_std["ours"], last_mean_std["trl"]
+        pooled = ((o_sd ** 2 + t_sd ** 2) / 2) ** 0.5
+        out["ours_minus_trl"] = {f"last_{last_k}": round(o - t, 4), "pooled_std": round(pooled, 4),
+                                 "in_pooled_stds": round((o - t) / pooled, 2) if pooled > 0 else None}
     return out
 
 

@@ -142,12 +142,11 @@ def with_run_names(args: list[str]) -> list[str]:
 def warn_ignored_hparams(ckpt_path, model_config, hparams: dict) -> None:
     """Resuming restores the checkpoint's model hyper-parameters (Lightning's ``_parse_ckpt_path``) over the
     configured ones: warn, naming each configured ``model.init_args`` value that the checkpoint's replaces."""
-    configured = model_config.get("init_args")
-    configured = configured.as_dict() if hasattr(configured, "as_dict") else dict(configured or {})
-    same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    configured = model_config.init_args.as_dict()
+    canonical = lambda v: json.dumps(v, sort_keys=True, default=str)  # tuples as lists, nested dicts in order
     ignored = [f"model.init_args.{k}={configured[k]!r} (checkpoint: {hparams[k]!r})"
                for k in sorted(configured.keys() & hparams.keys())
-               if not k.startswith("_") and not same(configured[k], hparams[k])]
+               if not k.startswith("_") and canonical(configured[k]) != canonical(hparams[k])]
     if ignored:
         rank_zero_warn(f"ckpt_path: {ckpt_path}: a resumed run keeps its checkpoint's hyper-parameters, so these "
                        f"configured values are not used: {', '.join(ignored)} (to train with them, start a new run)")
